@@ -1,0 +1,28 @@
+"""The flow-map parametrisation ``f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)`` (spec section 2)."""
+from __future__ import annotations
+
+import torch
+
+
+def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-example time ``(B,)`` (or a scalar) to broadcast against ``x`` ``(B, *D)``."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.dtype != torch.bool:
+        t = t.to(x.dtype)
+    if t.ndim == 0:
+        return t
+    return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+
+def apply_flow_map(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, F: torch.Tensor):
+    """Jump ``x_t -> x_s``: ``f = x + (s - t) F`` where F is the average velocity on [s, t].
+
+    Sabour et al. 2025, eq. for the flow-map parametrisation; ``f(x, t, t) = x``.
+    Shapes: x, F ``(B, *D)``; t, s ``(B,)`` or scalars.
+    """
+    return x + bcast(s - t, x) * F
+
+
+def average_velocity(x_t: torch.Tensor, x_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
+    """Inverse of :func:`apply_flow_map`: ``F = (x_s - x_t) / (s - t)``. Needs ``s != t``."""
+    return (x_s - x_t) / bcast(s - t, x_t)

@@ -1,0 +1,87 @@
+"""AYF-EMD and AYF-LMD tangents by forward-mode differentiation (spec sections 3 and 4).
+
+``F_fn(x, t, s) -> F`` is the student's average velocity with every other condition (class
+label, guidance scale) closed over. The JVP runs in the dtype of its inputs; train in float32 or
+bfloat16 autocast at your own risk, test in float64.
+
+Both tangent functions return the primal ``F`` *with* its autograd graph, so one network pass
+serves both the stop-gradient tangent and the trainable prediction (theta- equals theta in value).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import jvp
+
+from ayf.math.flow_map import bcast
+
+FFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds):
+    """``F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))``.
+
+    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. The primal keeps its graph to the weights; the
+    tangent dF is returned detached.
+    """
+    F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))
+    return F, dF.detach()
+
+
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0):
+    """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; spec section 3, steps 2-4).
+
+    ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
+    fixed) and ``g = (v - F-) + r (s - t) dF/dt``, which equals ``d/dt f(x_t, t, s)`` at r = 1
+    and vanishes at the exact flow map. v: teacher velocity at ``(x_t, t)``, ``(B, *D)``.
+
+    Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
+    """
+    F, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s))
+    g = (v - F.detach()) + r * bcast(s - t, x_t) * dF_dt
+    return F, g
+
+
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s):
+    """AYF-LMD tangent (Sabour et al. 2025; spec section 4).
+
+    ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
+    ``df/ds = F- + (s - t) dF/ds``; then ``g = v_phi(f-, s) - df/ds``, zero at the exact map.
+    velocity_fn(x, s) is the (guided) teacher, called without grad.
+
+    Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
+    """
+    F, dF_ds = jvp_average_velocity(
+        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)
+    )
+    F_minus = F.detach()
+    gap = bcast(s - t, x_t)
+    f_minus = x_t + gap * F_minus
+    with torch.no_grad():
+        v_end = velocity_fn(f_minus, s)
+    g = v_end - (F_minus + gap * dF_ds)
+    return F, g.detach()
+
+
+def normalize_tangent(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:
+    """Per-example tangent normalisation ``g / (||g||_2 + c)`` (spec section 3, step 5).
+
+    ``c <= 0`` disables it. The norm runs over all non-batch dimensions.
+    """
+    if c <= 0:
+        return g
+    norm = g.flatten(1).norm(dim=1)
+    return g / bcast(norm + c, g)
+
+
+def warmup_ratio(step: int, horizon: int, r_max: float = 0.99) -> float:
+    """Tangent warmup ``r = min(r_max, step / H)`` (spec section 3, step 3); never above r_max.
+
+    ``horizon <= 0`` means no warmup (r = r_max from the first step).
+    """
+    if not 0.0 <= r_max <= 0.99:
+        raise ValueError(f"r_max must lie in [0, 0.99], got {r_max}")
+    if horizon <= 0:
+        return float(r_max)
+    return float(min(r_max, max(step, 0) / horizon))

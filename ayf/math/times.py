@@ -1,0 +1,87 @@
+"""Training time pairs and sampling grids (spec section 5)."""
+from __future__ import annotations
+
+import torch
+
+GRIDS = ("uniform", "power")
+
+
+class TimePairSampler:
+    """Draws training pairs ``(t, s)`` with ``0 <= s <= t <= 1``.
+
+    ``t = sigmoid(N(p_mean, p_std))``, ``s ~ U(0, t)``; then a share of examples is set to
+    the one-step pair (t = 1 and s = 0 separately, so both ends are seen often) and a share to
+    ``s = t`` (flow matching). With ``s_zero_only`` every s is 0 (consistency model).
+
+    Args:
+        p_mean: mean of the logit-normal for t.
+        p_std: standard deviation of the logit-normal for t.
+        p_t_one: share of examples with t = 1 (pure noise).
+        p_s_zero: share of examples with s = 0 (jump to data).
+        p_diagonal: share of examples with s = t (the flow-matching limit).
+        s_zero_only: always use s = 0 (consistency-model training).
+    """
+
+    def __init__(
+        self,
+        p_mean: float = -0.8,
+        p_std: float = 1.6,
+        p_t_one: float = 0.1,
+        p_s_zero: float = 0.1,
+        p_diagonal: float = 0.0,
+        s_zero_only: bool = False,
+    ):
+        for name, p in (("p_t_one", p_t_one), ("p_s_zero", p_s_zero), ("p_diagonal", p_diagonal)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        if p_std <= 0:
+            raise ValueError(f"p_std must be positive, got {p_std}")
+        self.p_mean, self.p_std = p_mean, p_std
+        self.p_t_one, self.p_s_zero, self.p_diagonal = p_t_one, p_s_zero, p_diagonal
+        self.s_zero_only = s_zero_only
+
+    def __call__(self, batch: int, generator=None, device=None, dtype=torch.float32):
+        """Returns ``(t, s)``, each ``(B,)``."""
+        def u():
+            return torch.rand(batch, generator=generator, device=device, dtype=dtype)
+
+        n = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+        t = torch.sigmoid(self.p_mean + self.p_std * n)
+        t = torch.where(u() < self.p_t_one, torch.ones_like(t), t)
+        s = t * u()
+        s = torch.where(u() < self.p_s_zero, torch.zeros_like(s), s)
+        s = torch.where(u() < self.p_diagonal, t, s)
+        if self.s_zero_only:
+            s = torch.zeros_like(s)
+        return t, s
+
+
+def time_grid(steps: int, kind: str = "uniform", rho: float = 1.0, dtype=torch.float64):
+    """Sampling grid ``1 = t_0 > t_1 > ... > t_N = 0``, ``(N + 1,)``.
+
+    ``uniform``: equal steps. ``power``: ``t_i = (1 - i / N) ** rho`` (rho > 1 puts more steps
+    near the data end).
+    """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"the number of steps must be a positive integer, got {steps}")
+    if kind not in GRIDS:
+        raise ValueError(f"unknown grid {kind!r}; choose one of {', '.join(GRIDS)}")
+    u = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=dtype)
+    return u if kind == "uniform" else u.pow(rho)
+
+
+def check_grid(grid) -> torch.Tensor:
+    """Validates an explicit grid: 1-D, strictly decreasing (each jump has s < t), in [0, 1]."""
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError("a time grid needs at least two times, e.g. 1,0")
+    if (grid < 0).any() or (grid > 1).any():
+        raise ValueError(f"grid times must lie in [0, 1] (t = 0 data, t = 1 noise): {grid.tolist()}")
+    bad = (grid[1:] >= grid[:-1]).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"grid must decrease from noise to data, but step {i} goes from t={grid[i].item():g} "
+            f"to s={grid[i + 1].item():g} (s > t or s = t)"
+        )
+    return grid
