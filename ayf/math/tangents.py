@@ -4,8 +4,9 @@
 label, guidance scale) closed over. The JVP runs in the dtype of its inputs; train in float32 or
 bfloat16 autocast at your own risk, test in float64.
 
-Both tangent functions return the primal ``F`` *with* its autograd graph, so one network pass
-serves both the stop-gradient tangent and the trainable prediction (theta- equals theta in value).
+The JVP runs without an autograd graph (theta- = stopgrad(theta)); when grad is enabled the
+trainable prediction ``F`` comes from a second, ordinary forward pass. On CPU this is cheaper
+than back-propagating through the JVP's primal (``benchmarks/cost.py``).
 """
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ FFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds):
-    """``F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))``.
+    """``F-, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))`` without autograd graph.
 
-    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. The primal keeps its graph to the weights; the
-    tangent dF is returned detached.
+    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached.
     """
-    F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))
-    return F, dF.detach()
+    with torch.no_grad():
+        F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))
+    return F, dF
+
+
+def _with_graph(F_fn, x, t, s, F_minus):
+    """The trainable prediction: a graph-carrying forward when grad is on, else F- itself."""
+    return F_fn(x, t, s) if torch.is_grad_enabled() else F_minus
 
 
 def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0):
@@ -38,9 +44,9 @@ def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0):
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s))
-    g = (v - F.detach()) + r * bcast(s - t, x_t) * dF_dt
-    return F, g
+    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s))
+    g = (v - F_minus) + r * bcast(s - t, x_t) * dF_dt
+    return _with_graph(F_fn, x_t, t, s, F_minus), g
 
 
 def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s):
@@ -52,16 +58,15 @@ def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s):
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F, dF_ds = jvp_average_velocity(
+    F_minus, dF_ds = jvp_average_velocity(
         F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)
     )
-    F_minus = F.detach()
     gap = bcast(s - t, x_t)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():
         v_end = velocity_fn(f_minus, s)
     g = v_end - (F_minus + gap * dF_ds)
-    return F, g.detach()
+    return _with_graph(F_fn, x_t, t, s, F_minus), g
 
 
 def normalize_tangent(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from ayf.cli import main
+
+sys.exit(main())

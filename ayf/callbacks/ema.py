@@ -1,0 +1,89 @@
+"""Exponential moving average of the student (``pl_module.net``) only."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+
+class EMA(L.Callback):
+    """Keeps ``ema <- d * ema + (1 - d) * net`` with ``d = min(decay, (1 + k) / (10 + k))`` at
+    optimiser step k. Validation, tests and plots run on the EMA weights; the EMA is saved in
+    the checkpoint (the teacher is not) and restored on resume.
+
+    Args:
+        decay: the long-run decay.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.ema = None
+        self._pending = None
+        self._backup = None
+
+    @property
+    def state_key(self) -> str:
+        return "EMA"
+
+    def _ensure(self, pl_module):
+        if self.ema is None:
+            self.ema = copy.deepcopy(pl_module.net).requires_grad_(False).eval()
+            if self._pending is not None:
+                self.ema.load_state_dict(self._pending)
+                self._pending = None
+        return self.ema
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ema = self._ensure(pl_module)
+        d = self.decay_at(trainer.global_step)
+        for e, p in zip(ema.state_dict().values(), pl_module.net.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p.to(e.dtype), 1.0 - d)
+            else:
+                e.copy_(p)
+
+    def _swap_in(self, pl_module):
+        if self.ema is None and self._pending is None:
+            return
+        ema = self._ensure(pl_module)
+        self._backup = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        pl_module.net.load_state_dict(ema.state_dict())
+
+    def _swap_out(self, pl_module):
+        if self._backup is not None:
+            pl_module.net.load_state_dict(self._backup)
+            self._backup = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._swap_out(pl_module)
+
+    def on_test_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self._swap_out(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # the checkpoint must hold the trained weights, never the swapped-in EMA
+        if self._backup is not None:
+            checkpoint["state_dict"].update({f"net.{k}": v for k, v in self._backup.items()})
+
+    def state_dict(self):
+        return {"decay": self.decay, "ema": None if self.ema is None else copy.deepcopy(self.ema.state_dict())}
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("ema") is not None:
+            if self.ema is not None:
+                self.ema.load_state_dict(state_dict["ema"])
+            else:
+                self._pending = state_dict["ema"]

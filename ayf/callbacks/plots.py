@@ -1,0 +1,93 @@
+"""Sample plots: 1/2/4/8-step samples beside data, to TensorBoard and as PNG."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import lightning as L
+import torch
+
+
+def scatter_figure(panels: dict, title: str = "", lim: Optional[float] = None):
+    """One square scatter panel per entry ``{name: (N, >=2) array}`` (first two coordinates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], panels.items()):
+        pts = torch.as_tensor(pts).float().cpu()
+        y = pts[:, 1] if pts.shape[1] > 1 else torch.zeros(len(pts))
+        ax.scatter(pts[:, 0], y, s=1, alpha=0.4, linewidths=0)
+        ax.set_title(name, fontsize=9)
+        if lim is not None:
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class SamplePlot(L.Callback):
+    """After each validation run, draws samples from fixed noise at several step counts next to
+    validation data, logs the figure to TensorBoard (``samples``) and writes
+    ``<log_dir>/samples/step_<k>.png``. Vector data only (it plots the first two coordinates).
+
+    Args:
+        steps: step counts to draw (flow map: jumps; teacher: Euler steps).
+        num_samples: points per panel.
+        seed: seed of the fixed noise.
+    """
+
+    def __init__(self, steps: List[int] = (1, 2, 4, 8), num_samples: int = 2000, seed: int = 0):
+        self.steps = [int(k) for k in steps]
+        self.num_samples = num_samples
+        self.seed = seed
+
+    def _data(self, trainer, n):
+        dm = trainer.datamodule
+        batch = getattr(dm, "reference_batch", None)
+        return batch(n) if batch is not None else None
+
+    @torch.no_grad()
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shape = tuple(pl_module.net.data_shape)
+        if len(shape) != 1:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(self.num_samples, *shape, generator=gen).to(pl_module.device)
+        panels = {}
+        data = self._data(trainer, self.num_samples)
+        if data is not None:
+            panels["data"] = data
+        was_training = pl_module.training
+        pl_module.eval()
+        ema = next((c for c in trainer.callbacks if type(c).__name__ == "EMA"), None)
+        if ema is not None:
+            ema._swap_in(pl_module)
+        try:
+            for k in self.steps:
+                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k).cpu()
+        finally:
+            if ema is not None:
+                ema._swap_out(pl_module)
+            pl_module.train(was_training)
+        lim = float(max(p.abs().quantile(0.995) for p in panels.values())) * 1.1
+        fig = scatter_figure(panels, f"{pl_module.kind} @ step {trainer.global_step}", lim)
+        step = trainer.global_step
+        logger = trainer.logger
+        if logger is not None and hasattr(logger.experiment, "add_figure"):
+            logger.experiment.add_figure("samples", fig, global_step=step, close=False)
+        out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        fig.savefig(os.path.join(out_dir, f"step_{step:07d}.png"), dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

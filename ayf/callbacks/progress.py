@@ -1,0 +1,23 @@
+"""The terminal progress bar."""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class ProgressBar(TQDMProgressBar):
+    """TQDM progress bar showing the loss and the tangent warmup r; hides the version number.
+
+    Args:
+        refresh_rate: update the bar every this many batches.
+    """
+
+    def __init__(self, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        r = getattr(pl_module, "tangent_r", None)
+        if r is not None and pl_module.training:
+            items["r"] = f"{r:.3f}"
+        return items

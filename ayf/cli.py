@@ -1,0 +1,80 @@
+"""The ``ayf`` command line: LightningCLI for fit/validate/test, plus ``ayf sample``. Wiring only."""
+from __future__ import annotations
+
+import sys
+
+HELP = """usage: ayf {fit,validate,test,sample} [options]
+
+Align Your Flow: distil diffusion / flow-matching teachers into few-step flow maps.
+
+subcommands:
+  fit        train a task from a config: ayf fit --config configs/toy/teacher.yaml
+             (resume with --ckpt_path last or --ckpt_path FILE)
+  validate   run the validation loop of a config on a checkpoint (--ckpt_path FILE)
+  test       run the test loop of a config on a checkpoint (--ckpt_path FILE)
+  sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
+
+`ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.
+Tasks: ayf.tasks.FlowMatching, ayf.tasks.FlowMapDistillation.
+"""
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def _lightning_cli(args):
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from ayf.tasks.base import AyfTask
+
+    from ayf.callbacks.progress import ProgressBar
+
+    class AyfCLI(LightningCLI):
+        """LightningCLI with ayf's tasks and data modules in subclass mode. Adds ayf's progress
+        bar unless the config disables bars or names its own."""
+
+        def _instantiate_trainer(self, config, callbacks):
+            from lightning.pytorch.callbacks import ProgressBar as AnyBar
+
+            listed = list(config.get("callbacks") or []) + list(callbacks)
+            if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
+                callbacks = list(callbacks) + [ProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
+    return AyfCLI(
+        AyfTask,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": False},
+    )
+
+
+def main(args=None) -> int:
+    """Entry point of the ``ayf`` console script; returns the exit status."""
+    from ayf.errors import AyfError
+
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    cmd, rest = args[0], args[1:]
+    try:
+        if cmd == "sample":
+            from ayf.sample import main as sample_main
+
+            return sample_main(rest)
+        if cmd not in SUBCOMMANDS:
+            print(f"ayf: error: unknown subcommand {cmd!r}; choose one of fit, validate, test, sample", file=sys.stderr)
+            return 2
+        _lightning_cli(args)
+        return 0
+    except AyfError as err:
+        print(f"ayf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

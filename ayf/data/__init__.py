@@ -1,0 +1,4 @@
+"""Data modules."""
+from ayf.data.mixture import GaussianMixture
+
+__all__ = ["GaussianMixture"]

@@ -1,0 +1,7 @@
+"""Modules: the FlowMap wrapper, backbones and teachers."""
+from ayf.nn.backbones import MLP
+from ayf.nn.embeddings import FourierFeatures, ScalarEmbedding
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.teachers import CheckpointTeacher, MixtureTeacher, Teacher
+
+__all__ = ["MLP", "FlowMap", "FourierFeatures", "ScalarEmbedding", "Teacher", "MixtureTeacher", "CheckpointTeacher"]

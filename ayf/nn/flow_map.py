@@ -1,0 +1,108 @@
+"""The FlowMap wrapper: owns time conditioning and the parametrisation (spec section 2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ayf.errors import ConfigError
+from ayf.math.flow_map import apply_flow_map
+from ayf.nn.embeddings import ScalarEmbedding
+
+S_EMBEDDINGS = ("t_minus_s", "s", "none")
+
+
+class FlowMap(nn.Module):
+    """Average velocity ``F(x_t, t, s)`` of a flow map ``f = x_t + (s - t) F`` around a backbone.
+
+    The conditioning vector is ``emb(t) + emb_s(t - s or s) + emb(label) + emb(guidance)``.
+    The s and guidance branches start at zero, so a student copied from a teacher (which has
+    ``s_embedding: none``) satisfies ``F(x, t, s) = v(x, t)`` for every s at init.
+
+    Args:
+        backbone: network ``(x, emb, cond) -> output``; must expose ``emb_dim`` and ``data_shape``.
+        s_embedding: how the target time enters: ``t_minus_s`` (default), ``s``, or ``none``
+            (a velocity model, e.g. a flow-matching teacher).
+        num_classes: number of class labels (0: unconditional).
+        guidance: condition on a guidance scale lam (guidance distillation).
+        num_freqs: Fourier frequencies of each scalar embedding.
+        max_freq: largest Fourier frequency (cycles per unit time).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        s_embedding: str = "t_minus_s",
+        num_classes: int = 0,
+        guidance: bool = False,
+        num_freqs: int = 16,
+        max_freq: float = 16.0,
+    ):
+        super().__init__()
+        if s_embedding not in S_EMBEDDINGS:
+            raise ConfigError(f"unknown s_embedding {s_embedding!r}; choose one of {', '.join(S_EMBEDDINGS)}")
+        for attr in ("emb_dim", "data_shape"):
+            if not hasattr(backbone, attr):
+                raise ConfigError(f"backbone {type(backbone).__name__} must define `{attr}`")
+        self.backbone = backbone
+        self.s_embedding = s_embedding
+        self.num_classes = num_classes
+        self.guidance = guidance
+        emb = backbone.emb_dim
+        self.t_emb = ScalarEmbedding(emb, num_freqs, max_freq)
+        self.s_emb = ScalarEmbedding(emb, num_freqs, max_freq, zero_init=True) if s_embedding != "none" else None
+        self.label_emb = nn.Embedding(num_classes, emb) if num_classes > 0 else None
+        self.guidance_emb = ScalarEmbedding(emb, num_freqs, 4.0, zero_init=True) if guidance else None
+
+    @property
+    def data_shape(self) -> tuple:
+        return tuple(self.backbone.data_shape)
+
+    @property
+    def is_flow_map(self) -> bool:
+        return self.s_emb is not None
+
+    def forward(self, x, t, s=None, label: Optional[torch.Tensor] = None, guidance=None):
+        """``F(x, t, s)``; x ``(B, *D)``, t and s ``(B,)``. With s None (or no s branch) it is
+        the instantaneous velocity ``v(x, t)``."""
+        emb = self.t_emb(t)
+        if self.s_emb is not None and s is not None:
+            emb = emb + self.s_emb(t - s if self.s_embedding == "t_minus_s" else s)
+        if self.label_emb is not None:
+            if label is None:
+                raise ConfigError("this model is class-conditional: pass a label")
+            emb = emb + self.label_emb(label)
+        if self.guidance_emb is not None:
+            lam = torch.ones_like(t) if guidance is None else torch.as_tensor(guidance, dtype=t.dtype, device=t.device).expand_as(t)
+            emb = emb + self.guidance_emb(lam - 1.0)
+        return self.backbone(x, emb, label)
+
+    def velocity(self, x, t, label=None, guidance=None):
+        """Instantaneous velocity ``v(x, t) = F(x, t, t)``."""
+        return self(x, t, t, label=label, guidance=guidance)
+
+    def flow(self, x, t, s, label=None, guidance=None):
+        """``f(x, t, s) = x + (s - t) F(x, t, s)``."""
+        return apply_flow_map(x, t, s, self(x, t, s, label=label, guidance=guidance))
+
+    @torch.no_grad()
+    def init_from_teacher(self, teacher: "FlowMap") -> None:
+        """Copy a teacher's weights so that at init ``F(x, t, s) = v_teacher(x, t)`` for all s.
+
+        Every teacher weight must exist here with the same shape; the weights the teacher lacks
+        (s and guidance branches) are zeroed at their output.
+        """
+        own = self.state_dict()
+        theirs = teacher.state_dict()
+        bad = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise ConfigError(
+                f"student and teacher architectures differ (e.g. {bad[0]}); give the student the "
+                "teacher's backbone and sizes"
+            )
+        own.update(theirs)
+        self.load_state_dict(own)
+        for branch in (self.s_emb, self.guidance_emb):
+            if branch is not None:
+                branch.zero_output()

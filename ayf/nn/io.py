@@ -1,0 +1,66 @@
+"""Rebuilding networks from ``ayf fit`` checkpoints without their training task."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ayf.errors import CheckpointError
+
+
+def read_checkpoint(path: str) -> dict:
+    """Loads a checkpoint file on CPU, turning every failure into a one-line CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(ckpt, dict) or "ayf" not in ckpt:
+        raise CheckpointError(f"{path} is not an ayf checkpoint (written by `ayf fit`)")
+    return ckpt
+
+
+def build_network(config: dict):
+    """Instantiates a FlowMap from its ``class_path``/``init_args`` config."""
+    from jsonargparse import ArgumentParser
+
+    from ayf.nn.flow_map import FlowMap
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=FlowMap)
+    cfg = parser.parse_object({"net": config})
+    return parser.instantiate_classes(cfg).net
+
+
+def ema_weights(ckpt: dict):
+    """The EMA weights of the student saved by :class:`ayf.callbacks.EMA`, or None."""
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("EMA") and isinstance(state, dict) and state.get("ema") is not None:
+            return state["ema"]
+    return None
+
+
+def load_network(path: str, use_ema: bool = True, kinds=None):
+    """Returns ``(net, meta)`` for a checkpoint, net in eval mode.
+
+    kinds: accepted task names (e.g. ``("FlowMapDistillation",)``); others raise CheckpointError.
+    """
+    ckpt = read_checkpoint(path)
+    meta = ckpt["ayf"]
+    if kinds is not None and meta.get("kind") not in kinds:
+        raise CheckpointError(
+            f"{path} is a {meta.get('kind')} checkpoint, but this needs {' or '.join(kinds)}"
+        )
+    if not isinstance(meta.get("net"), dict):
+        raise CheckpointError(f"{path} does not record its network config; was it written by `ayf fit`?")
+    net = build_network(meta["net"])
+    state = ema_weights(ckpt) if use_ema else None
+    if state is None:
+        prefix = "net."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the recorded network: {str(err).splitlines()[0]}") from None
+    return net.eval(), meta

@@ -1,0 +1,69 @@
+"""What every ayf LightningModule shares: optimiser wiring, checkpoint metadata, loss guard."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from ayf.errors import NonFiniteLossError
+from ayf.math.times import time_grid
+
+
+def default_optimizer(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class AyfTask(L.LightningModule):
+    """Base of ayf's tasks. ``net`` is the trained FlowMap; callbacks (EMA, plots) use it."""
+
+    kind = "AyfTask"
+
+    def __init__(self, optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
+        super().__init__()
+        self._optimizer = optimizer or default_optimizer
+        self._lr_scheduler = lr_scheduler
+
+    def trainable_parameters(self):
+        return self.net.parameters()
+
+    def configure_optimizers(self):
+        opt = self._optimizer(list(self.trainable_parameters()))
+        if self._lr_scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._lr_scheduler(opt), "interval": "step"}}
+
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite {what} ({loss.item()}) at step {self.global_step}: training stopped; "
+                "the last saved checkpoint is untouched (lower the learning rate or check the data)"
+            )
+
+    def split_batch(self, batch):
+        """``(x0, label or None)`` from a dict batch ``{"x": ..., "label": ...}`` or a tuple."""
+        if isinstance(batch, dict):
+            x, label = batch["x"], batch.get("label")
+        elif isinstance(batch, (list, tuple)):
+            x, label = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x, label = batch, None
+        return x, (label if self.net.num_classes > 0 else None)
+
+    def on_save_checkpoint(self, checkpoint):
+        net_cfg = self.hparams.get("net")
+        checkpoint["ayf"] = {
+            "kind": self.kind,
+            "net": net_cfg if isinstance(net_cfg, dict) else None,
+            "data_shape": list(self.net.data_shape),
+            "objective": self.hparams.get("objective"),
+        }
+
+    # sampling used by callbacks and `ayf sample`
+    def generate(self, noise, steps: int, label=None, generator=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def grid(steps: int, like: torch.Tensor):
+        return time_grid(steps).to(like)

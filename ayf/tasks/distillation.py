@@ -1,0 +1,175 @@
+"""FlowMapDistillation: AYF-EMD / AYF-LMD / continuous consistency (spec sections 3-5)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from ayf.errors import ConfigError
+from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
+from ayf.math.path import interpolate
+from ayf.math.samplers import sample_flow_map
+from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent
+from ayf.math.times import TimePairSampler
+from ayf.nn.embeddings import FourierFeatures
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.teachers import Teacher
+from ayf.tasks.base import AyfTask
+
+OBJECTIVES = ("emd", "lmd", "consistency")
+
+
+class AdaptiveWeight(nn.Module):
+    """``w_psi(t, s)``: a small MLP on Fourier features of t and s (sCM-style weighting)."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.features = FourierFeatures(8, 8.0)
+        self.mlp = nn.Sequential(nn.Linear(2 * self.features.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t, s):
+        return self.mlp(torch.cat([self.features(t), self.features(s)], 1)).squeeze(1)
+
+
+class FlowMapDistillation(AyfTask):
+    """Distils a frozen teacher into a flow map ``f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)``.
+
+    Args:
+        net: the student FlowMap (same backbone as the teacher, with an s embedding).
+        teacher: frozen velocity model: a CheckpointTeacher or the analytic MixtureTeacher.
+        objective: ``emd`` (AYF-EMD, default), ``lmd`` (AYF-LMD) or ``consistency`` (s = 0 only,
+            a continuous-time consistency model trained with the EMD tangent).
+        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2) or ``adaptive``.
+        tangent_norm: constant c of the tangent normalisation ``g / (||g|| + c)``; 0 disables it.
+        time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s).
+        init_from_teacher: copy the teacher's weights into the student before training (default:
+            when the teacher is a network).
+        optimizer: optimiser factory (default Adam, lr 1e-3).
+        lr_scheduler: optional learning-rate scheduler factory, stepped every batch.
+    """
+
+    kind = "FlowMapDistillation"
+
+    def __init__(
+        self,
+        net: FlowMap,
+        teacher: Teacher,
+        objective: str = "emd",
+        weighting: str = "none",
+        tangent_norm: float = 0.1,
+        time_sampler: Optional[TimePairSampler] = None,
+        init_from_teacher: Optional[bool] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ):
+        super().__init__(optimizer, lr_scheduler)
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if not net.is_flow_map:
+            raise ConfigError("the student net needs an s embedding (`s_embedding: t_minus_s` or `s`)")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "time_sampler", "teacher"])
+        self.net = net
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.time_sampler = time_sampler or TimePairSampler()
+        self.adaptive = AdaptiveWeight() if weighting == "adaptive" else None
+        self.tangent_r = 0.99  # set from global_step by the TangentWarmup callback
+        teacher_net = getattr(teacher, "net", None)
+        if init_from_teacher is None:
+            init_from_teacher = isinstance(teacher_net, FlowMap)
+        if init_from_teacher:
+            if not isinstance(teacher_net, FlowMap):
+                raise ConfigError(f"init_from_teacher needs a network teacher; {type(teacher).__name__} has none (set init_from_teacher: false)")
+            self._check_shapes(teacher.data_shape, "teacher")
+            net.init_from_teacher(teacher_net)
+
+    # --- wiring -----------------------------------------------------------------------------
+    def _check_shapes(self, shape, what):
+        if shape is not None and tuple(shape) != tuple(self.net.data_shape):
+            raise ConfigError(f"{what} data shape {tuple(shape)} does not match the student's {tuple(self.net.data_shape)}")
+
+    def setup(self, stage):
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            self.teacher.bind_data(dm)
+            shape = getattr(dm, "data_shape", None)
+            if shape is not None and self.teacher.data_shape is not None and tuple(shape) != tuple(self.teacher.data_shape):
+                raise ConfigError(f"teacher data shape {tuple(self.teacher.data_shape)} and data shape {tuple(shape)} disagree")
+            self._check_shapes(shape, "data")
+        self._check_shapes(self.teacher.data_shape, "teacher")
+
+    def trainable_parameters(self):
+        params = list(self.net.parameters())
+        return params + (list(self.adaptive.parameters()) if self.adaptive is not None else [])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for key in [k for k in sd if k.startswith("teacher.")]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        for key, value in self.teacher.state_dict(prefix="teacher.").items():
+            state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # --- the objective ----------------------------------------------------------------------
+    def losses(self, batch):
+        """Per-example loss and tangent statistics for one batch."""
+        x0, label = self.split_batch(batch)
+        t, s = self.time_sampler(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        if self.hparams.objective == "consistency":
+            s = torch.zeros_like(s)
+        x_t = interpolate(x0, torch.randn_like(x0), t)
+        F_fn = lambda x, tt, ss: self.net(x, tt, ss, label=label)  # noqa: E731
+        teacher = lambda x, tt: self.teacher(x, tt, label)  # noqa: E731
+        if self.hparams.objective == "lmd":
+            F, g = lmd_tangent(F_fn, teacher, x_t, t, s)
+        else:
+            with torch.no_grad():
+                v = teacher(x_t, t)
+            F, g = emd_tangent(F_fn, x_t, t, s, v, r=self.tangent_r)
+        g_norm = g.flatten(1).norm(dim=1)
+        g = normalize_tangent(g, self.hparams.tangent_norm)
+        per = flow_map_loss(F, g, t, s, self.hparams.weighting)
+        if self.adaptive is not None:
+            per = adaptive_weighted_loss(per, self.adaptive(t, s))
+        return per, {"tangent_norm": g_norm.mean()}
+
+    def training_step(self, batch, batch_idx):
+        per, stats = self.losses(batch)
+        loss = per.mean()
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tangent_norm", stats["tangent_norm"])
+        self.log("train/tangent_r", float(self.tangent_r))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        per, stats = self.losses(batch)
+        self.log("val/loss", per.mean(), prog_bar=True)
+        self.log("val/tangent_norm", stats["tangent_norm"])
+
+    def test_step(self, batch, batch_idx):
+        per, _ = self.losses(batch)
+        self.log("test/loss", per.mean())
+
+    @torch.no_grad()
+    def generate(self, noise, steps: int, label=None, generator=None, gamma: Optional[float] = None, grid=None):
+        """Flow-map samples; the consistency objective samples with gamma = 1 by default."""
+        if gamma is None:
+            gamma = 1.0 if self.hparams.objective == "consistency" else 0.0
+        grid = self.grid(steps, noise) if grid is None else grid
+        F_fn = lambda x, t, s: self.net(x, t, s, label=label)  # noqa: E731
+        return sample_flow_map(F_fn, noise, grid, gamma=gamma, generator=generator)

@@ -1,0 +1,127 @@
+"""Cost of one AYF-EMD training step against one flow-matching step of the same network and
+batch: wall time and peak memory, as ratios measured in one run.
+
+    python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30]
+
+The EMD step includes the teacher call; the teacher is the same architecture (a velocity FlowMap)
+as in real distillation, and also the closed-form mixture velocity. Peak memory is measured with
+torch.cuda.max_memory_allocated on a GPU, and on CPU by the autograd graph's saved tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from ayf.math.losses import flow_map_loss, flow_matching_loss
+from ayf.math.path import interpolate, velocity_target
+from ayf.math.tangents import emd_tangent, normalize_tangent
+from ayf.math.times import TimePairSampler
+from ayf.nn import MLP, FlowMap
+
+
+class SavedBytes:
+    """Peak bytes held by autograd's saved tensors (CPU stand-in for peak activation memory)."""
+
+    def __init__(self):
+        self.cur = self.peak = 0
+
+    def pack(self, t):
+        self.cur += t.numel() * t.element_size()
+        self.peak = max(self.peak, self.cur)
+        return t
+
+    def unpack(self, t):
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def make(width, depth, dim, s_embedding, device):
+    return FlowMap(MLP(dim, width, depth, 128), s_embedding=s_embedding).to(device)
+
+
+def fm_step(student, opt, x0):
+    t = torch.rand(len(x0), device=x0.device)
+    eps = torch.randn_like(x0)
+    loss = flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def emd_step(student, teacher, opt, x0, sampler):
+    t, s = sampler(len(x0), device=x0.device)
+    x_t = interpolate(x0, torch.randn_like(x0), t)
+    with torch.no_grad():
+        v = teacher(x_t, t)
+    F, g = emd_tangent(student, x_t, t, s, v, r=0.5)
+    loss = flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def measure(fn, repeats, device):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        mem = torch.cuda.max_memory_allocated() - base
+    else:
+        with SavedBytes() as sb:
+            fn()
+        mem = sb.peak
+    return statistics.median(times), mem
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--dim", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = torch.device(args.device)
+    student = make(args.width, args.depth, args.dim, "t_minus_s", device)
+    teacher = make(args.width, args.depth, args.dim, "none", device).requires_grad_(False).eval()
+    student.init_from_teacher(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    x0 = torch.randn(args.batch, args.dim, device=device)
+    sampler = TimePairSampler()
+    t_fm, m_fm = measure(lambda: fm_step(student, opt, x0), args.repeats, device)
+    t_emd, m_emd = measure(lambda: emd_step(student, teacher, opt, x0, sampler), args.repeats, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name}; MLP width {args.width}, depth {args.depth}, batch {args.batch}")
+    print("| step | time (ms) | peak memory (MiB) | time ratio | memory ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| flow matching | {1e3 * t_fm:.2f} | {m_fm / 2**20:.1f} | 1.00 | 1.00 |")
+    print(f"| AYF-EMD (teacher + JVP) | {1e3 * t_emd:.2f} | {m_emd / 2**20:.1f} | {t_emd / t_fm:.2f} | {m_emd / max(m_fm, 1):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Fidelity benchmark on the toy mixture with the analytic teacher.
+
+Trains each objective with `ayf fit` on configs/toy/distill_*.yaml (CPU), then, from the same
+noise, compares N-step samples (N = 1, 2, 4, 8, 16) with the exact PF-ODE solution: median and
+RMS distance, mean true log-density, and MMD to fresh data; teacher Euler and Heun at the same
+number of velocity calls (NFE) sit beside them. Prints markdown tables and writes
+<out>/fidelity.md, <out>/fidelity.json and <out>/fidelity.png.
+
+    python benchmarks/fidelity.py                 # all runs, 4000 steps each
+    python benchmarks/fidelity.py --runs emd --max_steps 1000
+    python benchmarks/fidelity.py --eval_only     # re-evaluate existing checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+import torch
+
+from ayf.cli import main as ayf_main
+from ayf.math.analytic import MixtureOracle
+from ayf.math.samplers import sample_euler, sample_flow_map, sample_heun
+from ayf.math.times import time_grid
+from ayf.metrics.toy import exact_endpoints, fidelity_row, format_table
+from ayf.nn.io import load_network
+
+RUNS = {  # name -> (config, extra CLI overrides)
+    "emd": ("distill_emd", []),
+    "emd_fspace": ("distill_emd", ["--model.weighting", "f_space"]),
+    "emd_adaptive": ("distill_emd", ["--model.weighting", "adaptive"]),
+    "lmd": ("distill_lmd", []),
+    "consistency": ("distill_consistency", []),
+}
+STEPS = (1, 2, 4, 8, 16)
+
+
+def train(name, out, max_steps):
+    cfg, extra = RUNS[name]
+    root = os.path.join(out, "runs")
+    args = ["fit", "--config", f"configs/toy/{cfg}.yaml", "--trainer.max_steps", str(max_steps),
+            "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
+            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false", *extra]
+    start = time.time()
+    if ayf_main(args) != 0:
+        raise SystemExit(f"training {name} failed")
+    return time.time() - start
+
+
+def last_ckpt(out, name):
+    paths = sorted(glob.glob(os.path.join(out, "runs", name, "version_*", "checkpoints", "last.ckpt")), key=os.path.getmtime)
+    if not paths:
+        raise SystemExit(f"no checkpoint for {name} under {out}/runs; run without --eval_only first")
+    return paths[-1]
+
+
+@torch.no_grad()
+def evaluate(out, names, n=4000, seed=123):
+    data_cfg = __import__("yaml").safe_load(open("configs/toy/data.yaml"))["init_args"]["mixture"]
+    oracle = MixtureOracle.from_config(data_cfg)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, oracle.dim, generator=gen)
+    exact = exact_endpoints(oracle, noise)
+    reference = oracle.sample(4000, generator=gen)
+    rows = [dict(model="data", N="-", **fidelity_row(oracle, oracle.sample(n, generator=gen), exact, reference))]
+    rows[0]["median_dist"] = rows[0]["rms_dist"] = float("nan")
+    v_fn = lambda x, t: oracle.velocity(x.double(), t.double()).float()  # noqa: E731
+    for N in STEPS:
+        rows.append(dict(model="teacher Euler", N=N, **fidelity_row(oracle, sample_euler(v_fn, noise, time_grid(N).float()), exact, reference)))
+        if N >= 2:
+            rows.append(dict(model="teacher Heun", N=N, **fidelity_row(oracle, sample_heun(v_fn, noise, time_grid(N // 2).float()), exact, reference)))
+    for name in names:
+        net, meta = load_network(last_ckpt(out, name), kinds=("FlowMapDistillation",))
+        gamma = 1.0 if meta.get("objective") == "consistency" else 0.0
+        for N in STEPS:
+            x = sample_flow_map(lambda a, t, s: net(a, t, s), noise, time_grid(N).float(), gamma=gamma,
+                                generator=torch.Generator().manual_seed(seed))
+            rows.append(dict(model=name, N=N, **fidelity_row(oracle, x, exact, reference)))
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    data_logp = next(r["mean_logp"] for r in rows if r["model"] == "data")
+    for model in dict.fromkeys(r["model"] for r in rows if r["model"] != "data"):
+        rs = [r for r in rows if r["model"] == model]
+        ns = [r["N"] for r in rs]
+        style = "--" if model.startswith("teacher") else "-o"
+        axes[0].plot(ns, [r["median_dist"] for r in rs], style, label=model)
+        axes[1].plot(ns, [r["mean_logp"] for r in rs], style, label=model)
+        axes[2].plot(ns, [max(r["mmd"], 1e-6) for r in rs], style, label=model)
+    axes[1].axhline(data_logp, color="k", lw=0.8, label="data")
+    for ax, title in zip(axes, ["median distance to exact ODE", "mean true log-density", "MMD^2 to data"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (NFE for the teacher)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    p.add_argument("--max_steps", type=int, default=4000)
+    p.add_argument("--out", default="bench_out/fidelity")
+    p.add_argument("--eval_only", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    names = [n for n in args.runs.split(",") if n]
+    times = {}
+    if not args.eval_only:
+        for name in names:
+            times[name] = train(name, args.out, args.max_steps)
+    rows = evaluate(args.out, names)
+    cols = ["model", "N", "median_dist", "rms_dist", "mean_logp", "mmd"]
+    table = format_table(rows, cols)
+    print(table)
+    if times:
+        print("\ntraining wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fidelity.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(args.out, "fidelity.json"), "w") as fh:
+        json.dump({"rows": rows, "train_seconds": times, "max_steps": args.max_steps}, fh, indent=1)
+    plot(rows, os.path.join(args.out, "fidelity.png"))
+
+
+if __name__ == "__main__":
+    main()
