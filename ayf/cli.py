@@ -71,9 +71,23 @@ def main(args=None) -> int:
             return 2
         _lightning_cli(args)
         return 0
-    except AyfError as err:
-        print(f"ayf: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by jsonargparse
+        cause = _user_error(err, AyfError)
+        if cause is None:
+            raise
+        print(f"ayf: error: {cause}", file=sys.stderr)
         return 2
+
+
+def _user_error(err, kind):
+    """The first error of ``kind`` in an exception's cause/context chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,7 +60,7 @@ def main(argv) -> int:
     if args.steps is not None and args.grid is not None:
         raise ConfigError("give --steps or --grid, not both")
     try:
-        grid = check_grid([float(v) for v in args.grid.split(",")]) if args.grid else time_grid(args.steps or 1)
+        grid = check_grid([float(v) for v in args.grid.split(",")]) if args.grid else time_grid(1 if args.steps is None else args.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     net, meta = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=("FlowMapDistillation", "FlowMatching"))

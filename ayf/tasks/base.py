@@ -15,6 +15,16 @@ def default_optimizer(params):
     return torch.optim.Adam(params, lr=1e-3)
 
 
+def _plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
 class AyfTask(L.LightningModule):
     """Base of ayf's tasks. ``net`` is the trained FlowMap; callbacks (EMA, plots) use it."""
 
@@ -52,6 +62,11 @@ class AyfTask(L.LightningModule):
         return x, (label if self.net.num_classes > 0 else None)
 
     def on_save_checkpoint(self, checkpoint):
+        # hparams hold config dicts under `ayf fit`, but live objects when a task is built in
+        # Python; keep only plain data so the checkpoint loads with torch.load(weights_only=True)
+        hp = checkpoint.get("hyper_parameters")
+        if hp:
+            checkpoint["hyper_parameters"] = {k: v for k, v in hp.items() if _plain(v)}
         net_cfg = self.hparams.get("net")
         checkpoint["ayf"] = {
             "kind": self.kind,

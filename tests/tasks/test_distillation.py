@@ -1,0 +1,118 @@
+import lightning as L
+import pytest
+import torch
+
+from ayf.callbacks import EMA, TangentWarmup
+from ayf.data import GaussianMixture
+from ayf.errors import ConfigError, NonFiniteLossError
+from ayf.nn import MLP, FlowMap, MixtureTeacher, Teacher
+from ayf.tasks import FlowMapDistillation
+
+MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.3, 0.3], "weights": [0.5, 0.5]}
+
+
+class NetTeacher(Teacher):
+    """A network teacher built in-process (CheckpointTeacher's shape without the file)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = FlowMap(MLP(2, 32, 2, 16), s_embedding="none")
+        self.data_shape = (2,)
+
+    def forward(self, x, t, label=None):
+        return self.net.velocity(x, t)
+
+
+def student():
+    return FlowMap(MLP(2, 32, 2, 16), s_embedding="t_minus_s")
+
+
+def data(**kw):
+    return GaussianMixture(MIX, batch_size=64, train_samples=256, val_samples=128, **kw)
+
+
+def trainer(tmp_path, steps=4, callbacks=()):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     default_root_dir=tmp_path, callbacks=list(callbacks), enable_model_summary=False,
+                     limit_val_batches=1, num_sanity_val_steps=0)
+
+
+@pytest.mark.parametrize("objective", ["emd", "lmd", "consistency"])
+def test_teacher_gets_no_gradient_and_is_absent_from_checkpoint(tmp_path, objective):
+    teacher = NetTeacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    task = FlowMapDistillation(student(), teacher, objective=objective)
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            seen["teacher_grads"] = [p.grad for p in pl_module.teacher.parameters()]
+            seen["student_grad"] = sum(p.grad.abs().sum() for p in pl_module.net.parameters() if p.grad is not None)
+            seen["teacher_training"] = pl_module.teacher.training
+
+    tr = trainer(tmp_path, callbacks=[Spy(), EMA(0.9)])
+    tr.fit(task, datamodule=data())
+    assert all(g is None for g in seen["teacher_grads"]) and seen["student_grad"] > 0
+    assert seen["teacher_training"] is False
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    opt_params = {id(p) for g in tr.optimizers[0].param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in teacher.parameters()}
+    path = tmp_path / "x.ckpt"
+    tr.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["state_dict"] and not [k for k in ckpt["state_dict"] if k.startswith("teacher")]
+    assert ckpt["callbacks"]["EMA"]["ema"] is not None
+    # a fresh task reloads the checkpoint (teacher keys filled from its own teacher)
+    again = FlowMapDistillation(student(), NetTeacher(), objective=objective, init_from_teacher=False)
+    again.load_state_dict(ckpt["state_dict"])
+    torch.testing.assert_close(again.net.state_dict(), task.net.state_dict())
+
+
+def test_warmup_follows_global_step_after_resume(tmp_path):
+    task = FlowMapDistillation(student(), MixtureTeacher())
+    tr = trainer(tmp_path, steps=3, callbacks=[TangentWarmup(horizon=10)])
+    tr.fit(task, datamodule=data())
+    tr.save_checkpoint(tmp_path / "a.ckpt")
+    task2 = FlowMapDistillation(student(), MixtureTeacher())
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, pl_module.tangent_r))
+
+    tr2 = trainer(tmp_path, steps=5, callbacks=[TangentWarmup(horizon=10), Spy()])
+    tr2.fit(task2, datamodule=data(), ckpt_path=tmp_path / "a.ckpt")
+    assert seen[0][0] == 3 and seen[0][1] == pytest.approx(0.3)
+
+
+def test_mismatched_teacher_and_data_dimensions(tmp_path):
+    teacher = MixtureTeacher({"means": [[0.0, 0.0, 0.0]], "stds": [1.0], "weights": [1.0]})
+    task = FlowMapDistillation(student(), teacher)
+    with pytest.raises(ConfigError, match=r"teacher data shape \(3,\) and data shape \(2,\) disagree"):
+        trainer(tmp_path).fit(task, datamodule=data())
+
+
+def test_unknown_objective():
+    with pytest.raises(ConfigError, match="unknown objective 'sid'"):
+        FlowMapDistillation(student(), MixtureTeacher(MIX), objective="sid")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    task = FlowMapDistillation(student(), MixtureTeacher())
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    next(pl_module.net.parameters()).fill_(float("nan"))
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=1)
+    tr = trainer(tmp_path, steps=10, callbacks=[Poison(), ckpt])
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
+        tr.fit(task, datamodule=data())
+    last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
