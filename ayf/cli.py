@@ -9,7 +9,7 @@ Align Your Flow: distil diffusion / flow-matching teachers into few-step flow ma
 
 subcommands:
   fit        train a task from a config: ayf fit --config configs/toy/teacher.yaml
-             (resume with --ckpt_path last or --ckpt_path FILE)
+             (resume with --ckpt_path runs/.../checkpoints/last.ckpt)
   validate   run the validation loop of a config on a checkpoint (--ckpt_path FILE)
   test       run the test loop of a config on a checkpoint (--ckpt_path FILE)
   sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
