@@ -25,9 +25,8 @@ def _lightning_cli(args):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    from ayf.tasks.base import AyfTask
-
     from ayf.callbacks.progress import ProgressBar
+    from ayf.tasks.base import AyfTask
 
     class AyfCLI(LightningCLI):
         """LightningCLI with ayf's tasks and data modules in subclass mode. Adds ayf's progress

@@ -98,10 +98,10 @@ def main(argv) -> int:
                 label = torch.full((len(x),), args.label, dtype=torch.long, device=device)
             g = grid.to(x)
             if solver == "flow_map":
-                F_fn = lambda a, t, s: net(a, t, s, label=label)  # noqa: E731
+                F_fn = lambda a, t, s, c=label: net(a, t, s, label=c)  # noqa: E731
                 y = sample_flow_map(F_fn, x, g, gamma=gamma, generator=gen if device.type == "cpu" else None)
             else:
-                v_fn = lambda a, t: net.velocity(a, t, label=label)  # noqa: E731
+                v_fn = lambda a, t, c=label: net.velocity(a, t, label=c)  # noqa: E731
                 y = (sample_euler if solver == "euler" else sample_heun)(v_fn, x, g)
             out.append(y.cpu())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -75,7 +75,7 @@ def evaluate(out, names, n=4000, seed=123):
         net, meta = load_network(last_ckpt(out, name), kinds=("FlowMapDistillation",))
         gamma = 1.0 if meta.get("objective") == "consistency" else 0.0
         for N in STEPS:
-            x = sample_flow_map(lambda a, t, s: net(a, t, s), noise, time_grid(N).float(), gamma=gamma,
+            x = sample_flow_map(lambda a, t, s, m=net: m(a, t, s), noise, time_grid(N).float(), gamma=gamma,
                                 generator=torch.Generator().manual_seed(seed))
             rows.append(dict(model=name, N=N, **fidelity_row(oracle, x, exact, reference)))
     return rows
@@ -97,7 +97,7 @@ def plot(rows, path):
         axes[1].plot(ns, [r["mean_logp"] for r in rs], style, label=model)
         axes[2].plot(ns, [max(r["mmd"], 1e-6) for r in rs], style, label=model)
     axes[1].axhline(data_logp, color="k", lw=0.8, label="data")
-    for ax, title in zip(axes, ["median distance to exact ODE", "mean true log-density", "MMD^2 to data"]):
+    for ax, title in zip(axes, ["median distance to exact ODE", "mean true log-density", "MMD^2 to data"], strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (NFE for the teacher)")
         ax.set_title(title, fontsize=10)

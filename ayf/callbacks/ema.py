@@ -43,7 +43,7 @@ class EMA(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         ema = self._ensure(pl_module)
         d = self.decay_at(trainer.global_step)
-        for e, p in zip(ema.state_dict().values(), pl_module.net.state_dict().values()):
+        for e, p in zip(ema.state_dict().values(), pl_module.net.state_dict().values(), strict=True):
             if e.dtype.is_floating_point:
                 e.lerp_(p.to(e.dtype), 1.0 - d)
             else:

@@ -17,7 +17,7 @@ def scatter_figure(panels: dict, title: str = "", lim: Optional[float] = None):
 
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
-    for ax, (name, pts) in zip(axes[0], panels.items()):
+    for ax, (name, pts) in zip(axes[0], panels.items(), strict=True):
         pts = torch.as_tensor(pts).float().cpu()
         y = pts[:, 1] if pts.shape[1] > 1 else torch.zeros(len(pts))
         ax.scatter(pts[:, 0], y, s=1, alpha=0.4, linewidths=0)

@@ -130,7 +130,7 @@ def test_emd_gradient_equals_flow_matching_gradient_on_diagonal(gen):
     F, g = emd_tangent(F_fn, x, t, t, v, r=0.7)
     g_emd = grads(flow_map_loss(F, g, t, t).mean())
     g_fm = grads(flow_matching_loss(F_fn(x, t, t), v).mean())
-    for a, b in zip(g_emd, g_fm):
+    for a, b in zip(g_emd, g_fm, strict=True):
         torch.testing.assert_close(a, b)
     assert any(a.abs().max() > 1e-6 for a in g_fm)
 
