@@ -60,6 +60,9 @@ def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
     extra = ["--model.teacher", "ayf.nn.CheckpointTeacher", "--model.teacher.ckpt_path", teacher]
     assert main(tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=extra)) == 0
     student = last_ckpt(tmp_path, "distill_emd")
+    test_args = tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*extra, "--ckpt_path", student])
+    assert main(["test", *test_args[1:]]) == 0
+    assert "test/loss" in capsys.readouterr().out
     noise = np.random.default_rng(0).standard_normal((37, 2)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
     out = tmp_path / "x.npy"
