@@ -70,7 +70,7 @@ def main(argv) -> int:
         raise ConfigError(f"{args.ckpt_path} is a FlowMatching (teacher) checkpoint: pass --solver euler or heun")
     if solver == "flow_map" and not net.is_flow_map:
         raise ConfigError(f"{args.ckpt_path} holds a velocity model, not a flow map: use --solver euler or heun")
-    objective = (meta.get("objective") or "emd")
+    objective = meta.get("objective") or "emd"
     gamma = args.gamma if args.gamma is not None else (1.0 if objective == "consistency" else 0.0)
     if not 0.0 <= gamma <= 1.0:
         raise ConfigError(f"--gamma must lie in [0, 1], got {gamma}")
