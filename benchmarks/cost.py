@@ -1,11 +1,13 @@
 """Cost of one AYF-EMD training step against one flow-matching step of the same network and
 batch: wall time and peak memory, as ratios measured in one run.
 
-    python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30]
+    python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30] [--no_compile]
 
-The EMD step includes the teacher call; the teacher is the same architecture (a velocity FlowMap)
-as in real distillation, and also the closed-form mixture velocity. Peak memory is measured with
-torch.cuda.max_memory_allocated on a GPU, and on CPU by the autograd graph's saved tensors.
+The EMD step includes the teacher call; the teacher has the student's architecture (a velocity
+FlowMap), as in real distillation. Both steps are timed eagerly and with their loss computation
+under torch.compile (what `compile: true` on a task does); each ratio compares like with like.
+Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
+the bytes autograd saves for the backward pass.
 """
 from __future__ import annotations
 
@@ -50,28 +52,26 @@ def make(width, depth, dim, s_embedding, device):
     return FlowMap(MLP(dim, width, depth, 128), s_embedding=s_embedding).to(device)
 
 
-def fm_step(student, opt, x0):
-    t = torch.rand(len(x0), device=x0.device)
-    eps = torch.randn_like(x0)
-    loss = flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def fm_loss(student, x0, t, eps):
+    return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_step(student, teacher, opt, x0, sampler):
-    t, s = sampler(len(x0), device=x0.device)
-    x_t = interpolate(x0, torch.randn_like(x0), t)
+def emd_loss(student, teacher, x0, t, s, eps, r):
+    x_t = interpolate(x0, eps, t)
     with torch.no_grad():
-        v = teacher(x_t, t)
-    F, g = emd_tangent(student, x_t, t, s, v, r=0.5)
-    loss = flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
+        v = teacher.velocity(x_t, t)
+    F, g = emd_tangent(student, x_t, t, s, v, r=r)
+    return flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
+
+
+def step(opt, loss_fn, *args):
+    loss = loss_fn(*args)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def measure(fn, repeats, device):
+def measure(fn, repeats, device, memory=True):
     for _ in range(3):
         fn()
     times = []
@@ -83,6 +83,8 @@ def measure(fn, repeats, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    if not memory:
+        return statistics.median(times), float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -103,6 +105,7 @@ def main():
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--no_compile", action="store_true", help="time the eager steps only")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -112,15 +115,22 @@ def main():
     student.init_from_teacher(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
     x0 = torch.randn(args.batch, args.dim, device=device)
-    sampler = TimePairSampler()
-    t_fm, m_fm = measure(lambda: fm_step(student, opt, x0), args.repeats, device)
-    t_emd, m_emd = measure(lambda: emd_step(student, teacher, opt, x0, sampler), args.repeats, device)
+    t, s = TimePairSampler()(args.batch, device=device)
+    eps = torch.randn_like(x0)
+    r = torch.tensor(0.5, device=device)
+    variants = [("eager", fm_loss, emd_loss)]
+    if not args.no_compile:
+        variants.append(("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; MLP width {args.width}, depth {args.depth}, batch {args.batch}")
-    print("| step | time (ms) | peak memory (MiB) | time ratio | memory ratio |")
-    print("|---|---|---|---|---|")
-    print(f"| flow matching | {1e3 * t_fm:.2f} | {m_fm / 2**20:.1f} | 1.00 | 1.00 |")
-    print(f"| AYF-EMD (teacher + JVP) | {1e3 * t_emd:.2f} | {m_emd / 2**20:.1f} | {t_emd / t_fm:.2f} | {m_emd / max(m_fm, 1):.2f} |")
+    print("| mode | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | memory ratio |")
+    print("|---|---|---|---|---|---|")
+    for mode, fm, emd in variants:
+        mem = mode == "eager" or device.type == "cuda"
+        t_fm, m_fm = measure(lambda f=fm: step(opt, f, student, x0, t, eps), args.repeats, device, mem)
+        t_emd, m_emd = measure(lambda f=emd: step(opt, f, student, teacher, x0, t, s, eps, r), args.repeats, device, mem)
+        print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {t_emd / t_fm:.2f} | "
+              f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} |")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,29 @@ class AyfTask(L.LightningModule):
 
     kind = "AyfTask"
 
-    def __init__(self, optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None):
+    def __init__(
+        self,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        compile: bool = False,
+    ):
         super().__init__()
         self._optimizer = optimizer or default_optimizer
         self._lr_scheduler = lr_scheduler
+        self._compiled = None
+        self.compile_loss = compile
+
+    def loss_terms(self, *tensors):  # pragma: no cover - abstract
+        """Per-example loss from tensors only (what ``compile`` compiles)."""
+        raise NotImplementedError
+
+    def per_example_loss(self, *tensors):
+        """:meth:`loss_terms`, through ``torch.compile`` when the task was built with compile."""
+        if not self.compile_loss:
+            return self.loss_terms(*tensors)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.loss_terms)
+        return self._compiled(*tensors)
 
     def trainable_parameters(self):
         return self.net.parameters()

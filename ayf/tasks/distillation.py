@@ -50,6 +50,8 @@ class FlowMapDistillation(AyfTask):
             when the teacher is a network).
         optimizer: optimiser factory (default Adam, lr 1e-3).
         lr_scheduler: optional learning-rate scheduler factory, stepped every batch.
+        compile: run the loss computation (teacher, JVP, forward) through ``torch.compile``;
+            the first step compiles. See benchmarks/cost.py.
     """
 
     kind = "FlowMapDistillation"
@@ -65,8 +67,9 @@ class FlowMapDistillation(AyfTask):
         init_from_teacher: Optional[bool] = None,
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        compile: bool = False,
     ):
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, compile)
         if objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if weighting not in WEIGHTINGS:
@@ -125,13 +128,9 @@ class FlowMapDistillation(AyfTask):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- the objective ----------------------------------------------------------------------
-    def losses(self, batch):
-        """Per-example loss and tangent statistics for one batch."""
-        x0, label = self.split_batch(batch)
-        t, s = self.time_sampler(x0.shape[0], device=x0.device, dtype=x0.dtype)
-        if self.hparams.objective == "consistency":
-            s = torch.zeros_like(s)
-        x_t = interpolate(x0, torch.randn_like(x0), t)
+    def loss_terms(self, x0, eps, t, s, r, label):
+        """Per-example loss and mean unnormalised tangent norm; r is a 0-d tensor (no recompiles)."""
+        x_t = interpolate(x0, eps, t)
         F_fn = lambda x, tt, ss: self.net(x, tt, ss, label=label)  # noqa: E731
         teacher = lambda x, tt: self.teacher(x, tt, label)  # noqa: E731
         if self.hparams.objective == "lmd":
@@ -139,13 +138,22 @@ class FlowMapDistillation(AyfTask):
         else:
             with torch.no_grad():
                 v = teacher(x_t, t)
-            F, g = emd_tangent(F_fn, x_t, t, s, v, r=self.tangent_r)
-        g_norm = g.flatten(1).norm(dim=1)
-        g = normalize_tangent(g, self.hparams.tangent_norm)
-        per = flow_map_loss(F, g, t, s, self.hparams.weighting)
+            F, g = emd_tangent(F_fn, x_t, t, s, v, r=r)
+        g_norm = g.flatten(1).norm(dim=1).mean()
+        per = flow_map_loss(F, normalize_tangent(g, self.hparams.tangent_norm), t, s, self.hparams.weighting)
         if self.adaptive is not None:
             per = adaptive_weighted_loss(per, self.adaptive(t, s))
-        return per, {"tangent_norm": g_norm.mean()}
+        return per, g_norm
+
+    def losses(self, batch):
+        """Per-example loss and tangent statistics for one batch."""
+        x0, label = self.split_batch(batch)
+        t, s = self.time_sampler(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        if self.hparams.objective == "consistency":
+            s = torch.zeros_like(s)
+        r = torch.tensor(float(self.tangent_r), device=x0.device, dtype=x0.dtype)
+        per, g_norm = self.per_example_loss(x0, torch.randn_like(x0), t, s, r, label)
+        return per, {"tangent_norm": g_norm}
 
     def training_step(self, batch, batch_idx):
         per, stats = self.losses(batch)

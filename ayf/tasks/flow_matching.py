@@ -24,6 +24,7 @@ class FlowMatching(AyfTask):
         p_mean: mean of the logit-normal training-time distribution.
         p_std: standard deviation of the logit-normal training-time distribution.
         label_dropout: share of labels replaced by the null class (for classifier-free guidance).
+        compile: run the loss computation through ``torch.compile`` (first step compiles).
     """
 
     kind = "FlowMatching"
@@ -36,8 +37,9 @@ class FlowMatching(AyfTask):
         p_mean: float = 0.0,
         p_std: float = 1.0,
         label_dropout: float = 0.0,
+        compile: bool = False,
     ):
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, compile)
         if net.is_flow_map:
             raise ConfigError("FlowMatching trains a velocity model: give the net `s_embedding: none`")
         if not 0.0 <= label_dropout < 1.0:
@@ -45,13 +47,15 @@ class FlowMatching(AyfTask):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = net
 
+    def loss_terms(self, x0, eps, t, label):
+        v = self.net.velocity(interpolate(x0, eps, t), t, label=label)
+        return flow_matching_loss(v, velocity_target(x0, eps))
+
     def _loss(self, batch):
         x0, label = self.split_batch(batch)
-        eps = torch.randn_like(x0)
         n = torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype)
         t = torch.sigmoid(self.hparams.p_mean + self.hparams.p_std * n)
-        v = self.net.velocity(interpolate(x0, eps, t), t, label=label)
-        return flow_matching_loss(v, velocity_target(x0, eps)).mean()
+        return self.per_example_loss(x0, torch.randn_like(x0), t, label).mean()
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)

@@ -116,3 +116,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves():
+    torch.manual_seed(0)
+    teacher = NetTeacher()
+    eager = FlowMapDistillation(student(), teacher)
+    compiled = FlowMapDistillation(student(), teacher, compile=True)
+    compiled.net.load_state_dict(eager.net.state_dict())
+    x0 = torch.randn(64, 2)
+    t = torch.rand(64)
+    s = t * torch.rand(64)
+    eps = torch.randn(64, 2)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for r in (0.0, 0.37, 0.99):
+            rt = torch.tensor(r)
+            want, want_norm = eager.per_example_loss(x0, eps, t, s, rt, None)
+            got, got_norm = compiled.per_example_loss(x0, eps, t, s, rt, None)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=1e-6)
