@@ -35,6 +35,6 @@ from ayf.math.tangents import (
     normalize_tangent,
     warmup_ratio,
 )
-from ayf.math.times import TimePairSampler, check_grid, time_grid
+from ayf.math.times import TimePairSampler, check_grid, logit_normal, time_grid
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -6,6 +6,12 @@ import torch
 GRIDS = ("uniform", "power")
 
 
+def logit_normal(batch: int, p_mean: float, p_std: float, generator=None, device=None, dtype=torch.float32):
+    """``t = sigmoid(N(p_mean, p_std^2))``, ``(B,)``: the training-time distribution."""
+    n = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+    return torch.sigmoid(p_mean + p_std * n)
+
+
 class TimePairSampler:
     """Draws training pairs ``(t, s)`` with ``0 <= s <= t <= 1``.
 
@@ -45,8 +51,7 @@ class TimePairSampler:
         def u():
             return torch.rand(batch, generator=generator, device=device, dtype=dtype)
 
-        n = torch.randn(batch, generator=generator, device=device, dtype=dtype)
-        t = torch.sigmoid(self.p_mean + self.p_std * n)
+        t = logit_normal(batch, self.p_mean, self.p_std, generator, device, dtype)
         t = torch.where(u() < self.p_t_one, torch.ones_like(t), t)
         s = t * u()
         s = torch.where(u() < self.p_s_zero, torch.zeros_like(s), s)

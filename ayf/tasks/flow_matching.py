@@ -10,6 +10,7 @@ from ayf.errors import ConfigError
 from ayf.math.losses import flow_matching_loss
 from ayf.math.path import interpolate, velocity_target
 from ayf.math.samplers import sample_euler
+from ayf.math.times import logit_normal
 from ayf.nn.flow_map import FlowMap
 from ayf.tasks.base import AyfTask
 
@@ -53,8 +54,7 @@ class FlowMatching(AyfTask):
 
     def _loss(self, batch):
         x0, label = self.split_batch(batch)
-        n = torch.randn(x0.shape[0], device=x0.device, dtype=x0.dtype)
-        t = torch.sigmoid(self.hparams.p_mean + self.hparams.p_std * n)
+        t = logit_normal(x0.shape[0], self.hparams.p_mean, self.hparams.p_std, device=x0.device, dtype=x0.dtype)
         return self.per_example_loss(x0, torch.randn_like(x0), t, label).mean()
 
     def training_step(self, batch, batch_idx):
