@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ayf.math.flow_map import bcast
+from ayf.math.flow_map import average_velocity_of_map, bcast
 
 
 def _component_var(std: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,7 @@ class GaussianOracle:
 
     def average_velocity(self, x, t, s):
         """Exact ``F*(x, t, s) = (f* - x) / (s - t)``, with ``F*(x, t, t) = v(x, t)``."""
-        gap = s - t
-        safe = torch.where(gap.abs() > 1e-12, gap, torch.ones_like(gap))
-        F = (self.flow_map(x, t, s) - x) / bcast(safe, x)
-        return torch.where(bcast(gap.abs() > 1e-12, x), F, self.velocity(x, t))
+        return average_velocity_of_map(self.flow_map, self.velocity, x, t, s)
 
     def consistency_model(self, x, t):
         """Optimal consistency model ``f*(x, t, 0) = mu + c (x - (1 - t) mu) / sqrt(var(t))``."""
@@ -147,7 +144,5 @@ class MixtureOracle:
 
     def average_velocity(self, x, t, s, steps: int = 256):
         """``F*(x, t, s)``; equals the velocity where ``s = t``."""
-        gap = torch.as_tensor(s - t, dtype=torch.float64)
-        safe = torch.where(gap.abs() > 1e-12, gap, torch.ones_like(gap))
-        F = (self.flow_map(x, t, s, steps) - x.double()) / bcast(safe, x)
-        return torch.where(bcast(gap.abs() > 1e-12, x), F, self.velocity(x.double(), t))
+        flow_map = lambda a, b, c: self.flow_map(a, b, c, steps)  # noqa: E731
+        return average_velocity_of_map(flow_map, self.velocity, x.double(), t, s)

@@ -26,3 +26,13 @@ def apply_flow_map(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, F: torch.T
 def average_velocity(x_t: torch.Tensor, x_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
     """Inverse of :func:`apply_flow_map`: ``F = (x_s - x_t) / (s - t)``. Needs ``s != t``."""
     return (x_s - x_t) / bcast(s - t, x_t)
+
+
+def average_velocity_of_map(flow_map, velocity, x, t, s, tol: float = 1e-12):
+    """``F(x, t, s) = (flow_map(x, t, s) - x) / (s - t)``, and ``velocity(x, t)`` where
+    ``|s - t| <= tol`` (the limit s -> t). Safe to differentiate by JVP at the diagonal."""
+    gap = torch.as_tensor(s - t, dtype=x.dtype, device=x.device)
+    off = gap.abs() > tol
+    x_s = flow_map(x, t, s)
+    F = average_velocity(x, x_s, t, torch.where(off, s, t + 1.0))  # unit gap where s = t
+    return torch.where(bcast(off, x), F, velocity(x, t))
