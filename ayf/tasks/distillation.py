@@ -88,23 +88,27 @@ class FlowMapDistillation(AyfTask):
         if init_from_teacher:
             if not isinstance(teacher_net, FlowMap):
                 raise ConfigError(f"init_from_teacher needs a network teacher; {type(teacher).__name__} has none (set init_from_teacher: false)")
-            self._check_shapes(teacher.data_shape, "teacher")
+            self._check_shapes()
             net.init_from_teacher(teacher_net)
 
     # --- wiring -----------------------------------------------------------------------------
-    def _check_shapes(self, shape, what):
-        if shape is not None and tuple(shape) != tuple(self.net.data_shape):
-            raise ConfigError(f"{what} data shape {tuple(shape)} does not match the student's {tuple(self.net.data_shape)}")
+    def _check_shapes(self, datamodule=None) -> None:
+        """Teacher, data and student must agree on the data shape (unknown ones are skipped)."""
+        shapes = {
+            "teacher data shape": self.teacher.data_shape,
+            "data shape": getattr(datamodule, "data_shape", None),
+            "student data shape": self.net.data_shape,
+        }
+        known = [(name, tuple(shape)) for name, shape in shapes.items() if shape is not None]
+        for name, shape in known[1:]:
+            if shape != known[0][1]:
+                raise ConfigError(f"{known[0][0]} {known[0][1]} and {name} {shape} disagree")
 
     def setup(self, stage):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             self.teacher.bind_data(dm)
-            shape = getattr(dm, "data_shape", None)
-            if shape is not None and self.teacher.data_shape is not None and tuple(shape) != tuple(self.teacher.data_shape):
-                raise ConfigError(f"teacher data shape {tuple(self.teacher.data_shape)} and data shape {tuple(shape)} disagree")
-            self._check_shapes(shape, "data")
-        self._check_shapes(self.teacher.data_shape, "teacher")
+        self._check_shapes(dm)
 
     def trainable_parameters(self):
         params = list(self.net.parameters())
