@@ -49,29 +49,31 @@ class EMA(L.Callback):
             else:
                 e.copy_(p)
 
-    def _swap_in(self, pl_module):
+    def swap_in(self, pl_module):
+        """Load the EMA weights into ``pl_module.net`` (the trained weights are kept aside)."""
         if self.ema is None and self._pending is None:
             return
         ema = self._ensure(pl_module)
         self._backup = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
         pl_module.net.load_state_dict(ema.state_dict())
 
-    def _swap_out(self, pl_module):
+    def swap_out(self, pl_module):
+        """Put the trained weights back after :meth:`swap_in`."""
         if self._backup is not None:
             pl_module.net.load_state_dict(self._backup)
             self._backup = None
 
     def on_validation_start(self, trainer, pl_module):
-        self._swap_in(pl_module)
+        self.swap_in(pl_module)
 
     def on_validation_end(self, trainer, pl_module):
-        self._swap_out(pl_module)
+        self.swap_out(pl_module)
 
     def on_test_start(self, trainer, pl_module):
-        self._swap_in(pl_module)
+        self.swap_in(pl_module)
 
     def on_test_end(self, trainer, pl_module):
-        self._swap_out(pl_module)
+        self.swap_out(pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # the checkpoint must hold the trained weights, never the swapped-in EMA

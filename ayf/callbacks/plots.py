@@ -7,6 +7,8 @@ from typing import List, Optional
 import lightning as L
 import torch
 
+from ayf.callbacks.ema import EMA
+
 
 def scatter_figure(panels: dict, title: str = "", lim: Optional[float] = None):
     """One square scatter panel per entry ``{name: (N, >=2) array}`` (first two coordinates)."""
@@ -69,15 +71,15 @@ class SamplePlot(L.Callback):
             panels["data"] = data
         was_training = pl_module.training
         pl_module.eval()
-        ema = next((c for c in trainer.callbacks if type(c).__name__ == "EMA"), None)
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
         if ema is not None:
-            ema._swap_in(pl_module)
+            ema.swap_in(pl_module)
         try:
             for k in self.steps:
                 panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k).cpu()
         finally:
             if ema is not None:
-                ema._swap_out(pl_module)
+                ema.swap_out(pl_module)
             pl_module.train(was_training)
         lim = float(max(p.abs().quantile(0.995) for p in panels.values())) * 1.1
         fig = scatter_figure(panels, f"{pl_module.kind} @ step {trainer.global_step}", lim)
