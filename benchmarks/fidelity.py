@@ -21,10 +21,9 @@ import time
 import torch
 
 from ayf.cli import main as ayf_main
-from ayf.math.analytic import MixtureOracle
 from ayf.math.samplers import sample_euler, sample_flow_map, sample_heun
 from ayf.math.times import time_grid
-from ayf.metrics.toy import exact_endpoints, fidelity_row, format_table
+from ayf.metrics.toy import data_row, exact_endpoints, fidelity_row, format_table, load_mixture
 from ayf.nn.io import load_network
 
 RUNS = {  # name -> (config, extra CLI overrides)
@@ -58,14 +57,12 @@ def last_ckpt(out, name):
 
 @torch.no_grad()
 def evaluate(out, names, n=4000, seed=123):
-    data_cfg = __import__("yaml").safe_load(open("configs/toy/data.yaml"))["init_args"]["mixture"]
-    oracle = MixtureOracle.from_config(data_cfg)
+    oracle = load_mixture("configs/toy/data.yaml")
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, oracle.dim, generator=gen)
     exact = exact_endpoints(oracle, noise)
     reference = oracle.sample(4000, generator=gen)
-    rows = [dict(model="data", N="-", **fidelity_row(oracle, oracle.sample(n, generator=gen), exact, reference))]
-    rows[0]["median_dist"] = rows[0]["rms_dist"] = float("nan")
+    rows = [dict(model="data", N="-", **data_row(oracle, n, exact, reference, gen))]
     v_fn = lambda x, t: oracle.velocity(x.double(), t.double()).float()  # noqa: E731
     for N in STEPS:
         rows.append(dict(model="teacher Euler", N=N, **fidelity_row(oracle, sample_euler(v_fn, noise, time_grid(N).float()), exact, reference)))

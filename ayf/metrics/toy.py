@@ -29,6 +29,22 @@ def fidelity_row(oracle: MixtureOracle, samples, exact, reference) -> dict:
     }
 
 
+def load_mixture(path: str = "configs/toy/data.yaml") -> MixtureOracle:
+    """The mixture of a data config (``init_args.mixture``) or of a bare ``mixture:`` file."""
+    import yaml
+
+    with open(path) as fh:
+        cfg = yaml.safe_load(fh)
+    return MixtureOracle.from_config(cfg["init_args"]["mixture"] if "init_args" in cfg else cfg["mixture"])
+
+
+def data_row(oracle: MixtureOracle, n: int, exact, reference, generator=None) -> dict:
+    """The reference row: fresh data scored like samples (no noise pairing, so no distances)."""
+    row = fidelity_row(oracle, oracle.sample(n, generator=generator), exact, reference)
+    row["median_dist"] = row["rms_dist"] = float("nan")
+    return row
+
+
 def format_table(rows, columns, floatfmt="{:.4f}") -> str:
     """A GitHub-markdown table from a list of dicts."""
     head = "| " + " | ".join(columns) + " |"
@@ -47,7 +63,6 @@ def main(argv=None) -> int:
     import os
 
     import numpy as np
-    import yaml
 
     from ayf.callbacks.plots import scatter_figure
 
@@ -58,14 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("--samples", nargs="+", required=True, help="NAME=FILE.npy pairs")
     p.add_argument("--out", required=True, help="folder for metrics.md, metrics.json and samples.png")
     args = p.parse_args(argv)
-    cfg = yaml.safe_load(open(args.data))
-    oracle = MixtureOracle.from_config(cfg["init_args"]["mixture"] if "init_args" in cfg else cfg["mixture"])
+    oracle = load_mixture(args.data)
     noise = torch.from_numpy(np.load(args.noise)).double()
     exact = exact_endpoints(oracle, noise)
     gen = torch.Generator().manual_seed(1)
     reference = oracle.sample(len(noise), generator=gen)
-    rows = [dict(samples="data", **fidelity_row(oracle, oracle.sample(len(noise), generator=gen), exact, reference))]
-    rows[0]["median_dist"] = rows[0]["rms_dist"] = float("nan")
+    rows = [dict(samples="data", **data_row(oracle, len(noise), exact, reference, gen))]
     panels = {"data": reference}
     for item in args.samples:
         name, _, path = item.partition("=")

@@ -3,13 +3,11 @@ import glob
 
 import pytest
 import torch
-import yaml
 
 from ayf.cli import main
-from ayf.math.analytic import MixtureOracle
 from ayf.math.samplers import sample_euler, sample_flow_map
 from ayf.math.times import time_grid
-from ayf.metrics.toy import exact_endpoints
+from ayf.metrics.toy import exact_endpoints, load_mixture
 from ayf.nn.io import load_network
 
 
@@ -21,7 +19,7 @@ def test_emd_flow_map_learns_the_toy_mixture(tmp_path):
     assert main(args) == 0
     (ckpt,) = glob.glob(str(tmp_path / "distill_emd" / "version_*" / "checkpoints" / "last.ckpt"))
     net, _ = load_network(ckpt)
-    oracle = MixtureOracle.from_config(yaml.safe_load(open("configs/toy/data.yaml"))["init_args"]["mixture"])
+    oracle = load_mixture("configs/toy/data.yaml")
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     exact = exact_endpoints(oracle, noise)
     with torch.no_grad():
