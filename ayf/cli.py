@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-HELP = """usage: ayf {fit,validate,test,sample} [options]
+HELP = """usage: ayf {fit,validate,test,sample,shards,features} [options]
 
 Align Your Flow: distil diffusion / flow-matching teachers into few-step flow maps.
 
@@ -13,12 +13,15 @@ subcommands:
   validate   run the validation loop of a config on a checkpoint (--ckpt_path FILE)
   test       run the test loop of a config on a checkpoint (--ckpt_path FILE)
   sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
+  shards     write an image dataset as WebDataset shards: ayf shards digits --output data/digits
+  features   train the classifier feature extractor used by FD/KID/PR: ayf features fit --help
 
 `ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.
 Tasks: ayf.tasks.FlowMatching, ayf.tasks.FlowMapDistillation.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test")
+TOOLS = {"sample": "ayf.sample", "shards": "ayf.make_shards", "features": "ayf.metrics.features"}
 
 
 def _lightning_cli(args):
@@ -61,12 +64,12 @@ def main(args=None) -> int:
         return 0
     cmd, rest = args[0], args[1:]
     try:
-        if cmd == "sample":
-            from ayf.sample import main as sample_main
-
-            return sample_main(rest)
+        if cmd in TOOLS:
+            module = __import__(TOOLS[cmd], fromlist=["main"])
+            return module.main(rest)
         if cmd not in SUBCOMMANDS:
-            print(f"ayf: error: unknown subcommand {cmd!r}; choose one of fit, validate, test, sample", file=sys.stderr)
+            choices = ", ".join(SUBCOMMANDS + tuple(TOOLS))
+            print(f"ayf: error: unknown subcommand {cmd!r}; choose one of {choices}", file=sys.stderr)
             return 2
         _lightning_cli(args)
         return 0

@@ -1,0 +1,273 @@
+"""ImageShards: a LightningDataModule over WebDataset shards written by ``ayf shards``.
+
+Samples decode to ``{"x": float (C, H, W) in [-1, 1], "label": int64}`` (no label for unlabelled
+data). Training streams resampled shards (every worker and rank draws its own shard sequence)
+through a shuffle buffer, with a fixed epoch length; validation and test read each sample once,
+split over ranks (by shard) and then dataloader workers (by shard). A corrupt sample or shard is
+skipped, logged and counted, never fatal.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+
+from ayf.data.shards import MANIFEST, read_manifest, to_model_units
+from ayf.errors import ConfigError
+
+log = logging.getLogger("ayf.data")
+
+
+class SkipCounter:
+    """webdataset error handler: logs the error, counts it, and lets the stream continue."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipped corrupt sample (%d so far): %s", self.count, exn)
+        return True
+
+
+class ShardSource:
+    """Where a split lives: shard URLs plus the manifest.
+
+    ``spec`` is a shard folder, a ``manifest.json`` path, or a webdataset URL pattern such as
+    ``https://host/data/shard-{000000..000009}.tar`` or ``pipe:...``; a pattern needs
+    ``manifest.json`` beside its first shard (read with webdataset's ``gopen``).
+    """
+
+    def __init__(self, spec: str):
+        if not spec or not str(spec).strip():
+            raise ConfigError("empty shard path")
+        spec = str(spec)
+        local = Path(spec)
+        if local.is_dir() or local.name == MANIFEST:
+            self.manifest = read_manifest(local)
+            folder = local if local.is_dir() else local.parent
+            self.urls = [str(folder / s["file"]) for s in self.manifest["shards"]]
+            self.folder: Optional[Path] = folder
+            missing = [u for u in self.urls if not Path(u).is_file()]
+            if missing:
+                raise ConfigError(f"shard {missing[0]} listed in {folder / MANIFEST} is missing")
+        else:
+            import braceexpand
+
+            self.urls = list(braceexpand.braceexpand(spec))
+            is_local = "://" not in spec and not spec.startswith("pipe:")
+            if is_local and not any(Path(u).exists() for u in self.urls):
+                raise ConfigError(f"shard path {spec} does not exist")
+            base = self.urls[0].rsplit("/", 1)[0] if "/" in self.urls[0] else "."
+            try:
+                with wds.gopen(f"{base}/{MANIFEST}", "rb") as fh:
+                    self.manifest = json.loads(fh.read())
+            except Exception as err:  # noqa: BLE001 - any transport error means the same to the user
+                raise ConfigError(f"cannot read {base}/{MANIFEST} for {spec}: {err}") from None
+            self.folder = Path(base) if is_local else None
+        if self.manifest.get("count", 0) <= 0:
+            raise ConfigError(f"shard set {spec} is empty")
+        self.spec = spec
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.manifest["shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest.get("num_classes") or 0)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+
+def _decoder(shape: tuple, labelled: bool, raw: bool):
+    def decode(sample):
+        if "npy" not in sample:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no .npy image")
+        img = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        if img.dtype != np.uint8 or tuple(img.shape) != shape:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: "
+                             f"image {img.dtype} {img.shape}, manifest says uint8 {shape}")
+        x = torch.from_numpy(img.copy())
+        out = {"x": x if raw else to_model_units(x.float())}
+        if labelled:
+            out["label"] = torch.tensor(int(sample["cls"]), dtype=torch.long)
+        return out
+    return decode
+
+
+def split_by_rank(rank: int, world_size: int):
+    """Pipeline stage: keep every ``world_size``-th shard starting at ``rank``."""
+    def stage(src):
+        return itertools.islice(src, rank, None, world_size)
+    return stage
+
+
+def sample_pipeline(
+    source: ShardSource,
+    resampled: bool = False,
+    shuffle_buffer: int = 0,
+    epoch_samples: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    raw: bool = False,
+    counter: Optional[SkipCounter] = None,
+) -> wds.DataPipeline:
+    """Iterable of decoded samples.
+
+    Without resampling, shards are split over ranks, then over dataloader workers, so one pass
+    yields every sample exactly once (a rank or worker without a shard yields nothing). With
+    resampling, ``epoch_samples`` is the number of samples per rank per epoch, divided over the
+    dataloader workers."""
+    handler = counter or SkipCounter()
+    if resampled:
+        stages = [wds.ResampledShards(source.urls, seed=seed + 7919 * rank, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(source.urls), split_by_rank(rank, world_size), wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+    stages.append(wds.map(_decoder(source.shape, source.num_classes > 0, raw), handler=handler))
+    pipe = wds.DataPipeline(*stages)
+    if resampled:
+        if not epoch_samples:
+            raise ConfigError("resampled shards need an epoch length")
+        pipe = pipe.with_epoch(_per_worker(epoch_samples))
+    return pipe
+
+
+def _per_worker(n: int) -> int:
+    info = torch.utils.data.get_worker_info()
+    workers = info.num_workers if info is not None else 1
+    return max(1, -(-n // workers))
+
+
+class _EpochSized(torch.utils.data.IterableDataset):
+    """A pipeline built lazily inside each worker (so worker info is known) with a length."""
+
+    def __init__(self, build, length: Optional[int] = None):
+        self.build, self.length = build, length
+
+    def __iter__(self):
+        return iter(self.build())
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("no length")
+        return self.length
+
+
+class ImageShards(L.LightningDataModule):
+    """Images from WebDataset shards (see ``ayf shards``).
+
+    Args:
+        train: training shards: a folder written by ``ayf shards``, its manifest.json, or a
+            webdataset URL pattern (``.../shard-{000000..000003}.tar``) with manifest.json beside it.
+        val: validation shards (same forms); default: none.
+        test: test shards; default: the validation shards, else the training shards.
+        batch_size: images per batch (per device).
+        epoch_length: training samples per epoch per device (default: the training set size).
+        resampled: draw training shards with replacement (infinite stream cut into epochs);
+            False reads each training sample once per epoch instead.
+        shuffle_buffer: size of the sample shuffle buffer for training (0 or 1: no shuffling).
+        num_workers: dataloader worker processes.
+        seed: seed of the shard resampling.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: Optional[str] = None,
+        test: Optional[str] = None,
+        batch_size: int = 128,
+        epoch_length: Optional[int] = None,
+        resampled: bool = True,
+        shuffle_buffer: int = 2000,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        self.train_source = ShardSource(train)
+        self.val_source = ShardSource(val) if val else None
+        self.test_source = ShardSource(test) if test else (self.val_source or self.train_source)
+        for src in (self.val_source, self.test_source):
+            if src is not None and (src.shape, src.num_classes) != (self.train_source.shape, self.train_source.num_classes):
+                raise ConfigError(f"{src.spec} (shape {src.shape}, {src.num_classes} classes) does not match the "
+                                  f"training shards (shape {self.train_source.shape}, {self.train_source.num_classes} classes)")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.epoch_length = epoch_length or len(self.train_source)
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.skipped = SkipCounter()
+
+    @property
+    def data_shape(self) -> tuple:
+        return self.train_source.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_source.num_classes
+
+    @property
+    def manifest(self) -> dict:
+        return self.train_source.manifest
+
+    def _rank(self):
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _loader(self, source: ShardSource, train: bool):
+        rank, world = self._rank()
+        if train and self.resampled:
+            build = lambda: sample_pipeline(  # noqa: E731
+                source, True, self.shuffle_buffer, self.epoch_length, rank, world, self.seed, counter=self.skipped)
+            length = -(-self.epoch_length // self.batch_size)
+        else:
+            build = lambda: sample_pipeline(  # noqa: E731
+                source, False, self.shuffle_buffer if train else 0, rank=rank, world_size=world, counter=self.skipped)
+            length = None
+        return torch.utils.data.DataLoader(
+            _EpochSized(build, length), batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_source, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_source, False) if self.val_source is not None else []
+
+    def test_dataloader(self):
+        return self._loader(self.test_source, False)
+
+    def reference_images(self, limit: Optional[int] = None, source: Optional[ShardSource] = None):
+        """uint8 ``(N, C, H, W)`` images (and labels or None) read once, in order: the real
+        data that FD / KID / precision / recall compare against (default: training shards)."""
+        source = source or self.train_source
+        xs, ys = [], []
+        for sample in sample_pipeline(source, raw=True, counter=self.skipped):
+            xs.append(sample["x"])
+            if "label" in sample:
+                ys.append(sample["label"])
+            if limit is not None and len(xs) >= limit:
+                break
+        return torch.stack(xs), (torch.stack(ys) if ys else None)
+
+
+def read_all(spec: str, raw: bool = True, **kw) -> Sequence[dict]:
+    """Every sample of a shard set, in order (a small-data helper for tools and tests)."""
+    return list(sample_pipeline(ShardSource(spec), raw=raw, **kw))

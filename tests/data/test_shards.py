@@ -1,0 +1,159 @@
+import gzip
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from ayf.data.images import ImageShards, ShardSource, SkipCounter, read_all, sample_pipeline
+from ayf.data.shards import MANIFEST, Source, read_idx, write_dataset
+from ayf.errors import ConfigError
+
+
+def _images(n=40, shape=(3, 6, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8), rng.integers(0, 7, size=n)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_shards_round_trip_bit_exact_with_labels(tmp_path, gz):
+    x, y = _images()
+    # a 2 KB cap forces several shards
+    manifests = write_dataset(Source(x, y), tmp_path / "out", max_bytes=2048, gzip=gz)
+    m = manifests["all"]
+    assert m["count"] == 40 and m["shape"] == [3, 6, 5] and m["num_classes"] == 7
+    assert len(m["shards"]) > 3 and sum(s["count"] for s in m["shards"]) == 40
+    assert all(s["file"].endswith(".tar.gz" if gz else ".tar") for s in m["shards"])
+    samples = read_all(str(tmp_path / "out"))
+    got = torch.stack([s["x"] for s in samples]).numpy()
+    assert got.dtype == np.uint8 and np.array_equal(got, x)
+    assert [int(s["label"]) for s in samples] == y.tolist()
+    # decoded model units are u / 127.5 - 1, and the manifest's stats match them
+    dec = torch.stack([s["x"] for s in read_all(str(tmp_path / "out"), raw=False)])
+    assert torch.equal(dec, torch.from_numpy(x).float() / 127.5 - 1)
+    units = x.astype(np.float64) / 127.5 - 1
+    np.testing.assert_allclose(m["mean"], units.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(m["std"], units.std(axis=(0, 2, 3)), rtol=1e-9)
+
+
+def test_unlabelled_and_val_split(tmp_path):
+    x, _ = _images(25, (1, 4, 4))
+    ms = write_dataset(Source(x), tmp_path / "d", val_fraction=0.2, seed=3)
+    assert ms["train"]["count"] == 20 and ms["val"]["count"] == 5 and ms["val"]["num_classes"] == 0
+    back = np.concatenate([torch.stack([s["x"] for s in read_all(str(tmp_path / "d" / k))]).numpy()
+                           for k in ("train", "val")])
+    assert sorted(map(bytes, back)) == sorted(map(bytes, x))
+    assert "label" not in read_all(str(tmp_path / "d" / "val"))[0]
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    x, y = _images(5)
+    write_dataset(Source(x, y), tmp_path / "o")
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
+        write_dataset(Source(x, y), tmp_path / "o")
+    write_dataset(Source(x[:2], y[:2]), tmp_path / "o", overwrite=True)
+    assert json.loads((tmp_path / "o" / MANIFEST).read_text())["count"] == 2
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # the user's file survives
+
+
+def test_interrupted_write_leaves_no_complete_looking_shard(tmp_path):
+    x, y = _images(30)
+
+    class Broken(Source):
+        def __getitem__(self, i):
+            if i == 17:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(Broken(x, y), tmp_path / "o", max_bytes=2048)
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert MANIFEST not in names and not any(n.endswith(".tmp") for n in names)
+    for name in names:  # every file with a shard name is a complete tar
+        with tarfile.open(tmp_path / "o" / name) as tf:
+            assert len(tf.getmembers()) % 2 == 0
+    with pytest.raises(ConfigError, match="write was interrupted"):
+        ShardSource(str(tmp_path / "o"))
+
+
+def _shard_set(tmp_path, n=53, per_shard_bytes=1500):
+    x, y = _images(n, (1, 8, 8))
+    write_dataset(Source(x, y), tmp_path / "s", max_bytes=per_shard_bytes)
+    return x, ShardSource(str(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 2), (2, 2), (3, 1)])
+def test_split_over_ranks_and_workers_yields_each_sample_once(tmp_path, world_size, workers):
+    x, src = _shard_set(tmp_path)
+    assert len(src.urls) >= world_size * workers
+    seen = []
+    for rank in range(world_size):
+        pipe = sample_pipeline(src, rank=rank, world_size=world_size, raw=True)
+        loader = torch.utils.data.DataLoader(pipe, batch_size=4, num_workers=workers)
+        for batch in loader:
+            seen += [bytes(img.numpy()) for img in batch["x"]]
+    assert len(seen) == len(x)
+    assert sorted(seen) == sorted(bytes(img) for img in x)
+
+
+def test_resampled_epoch_has_fixed_length(tmp_path):
+    _, src = _shard_set(tmp_path)
+    pipe = sample_pipeline(src, resampled=True, shuffle_buffer=16, epoch_samples=37)
+    assert sum(1 for _ in pipe) == 37
+
+
+def _rewrite_member(path, bad_key, payload):
+    """Copy a tar, replacing the .npy member of one sample by ``payload``."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w") as tf:
+        for m, data in members:
+            if m.name == f"{bad_key}.npy":
+                data = payload
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_member_is_skipped_and_counted(tmp_path, caplog):
+    x, src = _shard_set(tmp_path)
+    _rewrite_member(src.urls[1], f"{src.manifest['shards'][0]['count']:08d}", b"not an array")
+    counter = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="ayf.data"):
+        got = list(sample_pipeline(src, raw=True, counter=counter))
+    assert len(got) == len(x) - 1 and counter.count == 1
+    assert "skipped corrupt sample (1 so far)" in caplog.text
+
+
+def test_datamodule_batches_and_bad_paths(tmp_path):
+    _, src = _shard_set(tmp_path)
+    dm = ImageShards(train=str(tmp_path / "s"), val=str(tmp_path / "s"), batch_size=8, epoch_length=40)
+    assert dm.data_shape == (1, 8, 8) and dm.num_classes == 7
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and batches[0]["x"].shape == (8, 1, 8, 8) and batches[0]["x"].dtype == torch.float32
+    assert float(batches[0]["x"].min()) >= -1 and float(batches[0]["x"].max()) <= 1
+    assert sum(len(b["x"]) for b in dm.val_dataloader()) == 53
+    # a URL pattern with the manifest beside the shards
+    pattern = str(tmp_path / "s" / f"shard-{{000000..{len(src.urls) - 1:06d}}}.tar")
+    assert len(read_all(pattern)) == 53
+    with pytest.raises(ConfigError, match="does not exist"):
+        ImageShards(train=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="empty shard path"):
+        ImageShards(train="")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        ImageShards(train=str(tmp_path / "empty"))
+
+
+def test_idx_reader(tmp_path):
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 0x08, 3]) + b"".join(d.to_bytes(4, "big") for d in imgs.shape)
+    with gzip.open(tmp_path / "x-idx3-ubyte.gz", "wb") as fh:
+        fh.write(header + imgs.tobytes())
+    assert np.array_equal(read_idx(tmp_path / "x-idx3-ubyte.gz"), imgs)
+    (tmp_path / "bad").write_bytes(header + imgs.tobytes()[:-1])
+    with pytest.raises(ConfigError, match="truncated"):
+        read_idx(tmp_path / "bad")
