@@ -1,6 +1,7 @@
 """Exponential moving average of the student (``pl_module.net``) only."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import lightning as L
@@ -89,3 +90,20 @@ class EMA(L.Callback):
                 self.ema.load_state_dict(state_dict["ema"])
             else:
                 self._pending = state_dict["ema"]
+
+
+@contextlib.contextmanager
+def sampling_weights(trainer, pl_module):
+    """Eval mode with the EMA weights swapped in (when an EMA callback runs); restored after."""
+    was_training = pl_module.training
+    pl_module.eval()
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    if ema is not None:
+        ema.swap_in(pl_module)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if ema is not None:
+            ema.swap_out(pl_module)
+        pl_module.train(was_training)

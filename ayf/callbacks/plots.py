@@ -7,7 +7,7 @@ from typing import List, Optional
 import lightning as L
 import torch
 
-from ayf.callbacks.ema import EMA
+from ayf.callbacks.ema import sampling_weights
 
 
 def scatter_figure(panels: dict, title: str = "", lim: Optional[float] = None):
@@ -69,27 +69,25 @@ class SamplePlot(L.Callback):
         data = self._data(trainer, self.num_samples)
         if data is not None:
             panels["data"] = data
-        was_training = pl_module.training
-        pl_module.eval()
-        ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
-        if ema is not None:
-            ema.swap_in(pl_module)
-        try:
+        with sampling_weights(trainer, pl_module):
             for k in self.steps:
                 panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k).cpu()
-        finally:
-            if ema is not None:
-                ema.swap_out(pl_module)
-            pl_module.train(was_training)
         lim = float(max(p.abs().quantile(0.995) for p in panels.values())) * 1.1
         fig = scatter_figure(panels, f"{pl_module.kind} @ step {trainer.global_step}", lim)
-        step = trainer.global_step
-        logger = trainer.logger
-        if logger is not None and hasattr(logger.experiment, "add_figure"):
-            logger.experiment.add_figure("samples", fig, global_step=step, close=False)
-        out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(os.path.join(out_dir, f"step_{step:07d}.png"), dpi=110)
-        import matplotlib.pyplot as plt
+        publish_figure(trainer, fig, "samples")
 
-        plt.close(fig)
+
+def publish_figure(trainer, fig, tag: str) -> str:
+    """Log a figure to TensorBoard under ``tag`` and save ``<log_dir>/<tag>/step_<k>.png``."""
+    import matplotlib.pyplot as plt
+
+    step = trainer.global_step
+    logger = trainer.logger
+    if logger is not None and hasattr(logger.experiment, "add_figure"):
+        logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+    out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, tag)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"step_{step:07d}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -154,7 +154,8 @@ def _per_worker(n: int) -> int:
 
 
 class _EpochSized(torch.utils.data.IterableDataset):
-    """A pipeline built lazily inside each worker (so worker info is known) with a length."""
+    """A pipeline built lazily inside each worker (so worker info is known), with a length in
+    samples (the epoch length, for progress bars and Lightning's epoch bookkeeping)."""
 
     def __init__(self, build, length: Optional[int] = None):
         self.build, self.length = build, length
@@ -235,7 +236,7 @@ class ImageShards(L.LightningDataModule):
         if train and self.resampled:
             build = lambda: sample_pipeline(  # noqa: E731
                 source, True, self.shuffle_buffer, self.epoch_length, rank, world, self.seed, counter=self.skipped)
-            length = -(-self.epoch_length // self.batch_size)
+            length = self.epoch_length  # samples; DataLoader divides by the batch size
         else:
             build = lambda: sample_pipeline(  # noqa: E731
                 source, False, self.shuffle_buffer if train else 0, rank=rank, world_size=world, counter=self.skipped)

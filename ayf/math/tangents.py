@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ayf.math.flow_map import bcast
 
@@ -23,9 +24,11 @@ FFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds):
     """``F-, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))`` without autograd graph.
 
-    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached.
+    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached. Attention
+    (``scaled_dot_product_attention``) runs on its math kernel here: fused kernels lack
+    forward-mode rules.
     """
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))
     return F, dF
 

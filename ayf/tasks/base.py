@@ -7,8 +7,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from ayf.errors import NonFiniteLossError
+from ayf.errors import ConfigError, NonFiniteLossError
+from ayf.math.samplers import sample_euler, sample_heun
 from ayf.math.times import time_grid
+
+SOLVERS = {"euler": sample_euler, "heun": sample_heun}
 
 
 def default_optimizer(params):
@@ -101,3 +104,10 @@ class AyfTask(L.LightningModule):
     @staticmethod
     def grid(steps: int, like: torch.Tensor):
         return time_grid(steps).to(like)
+
+    def solve_ode(self, velocity_fn, noise, steps: int, solver: str = "euler"):
+        """Teacher-style ODE sampling from t = 1 to 0 on the uniform grid; ``solver`` euler or
+        heun (Heun: 2 * steps velocity calls)."""
+        if solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        return SOLVERS[solver](velocity_fn, noise, self.grid(steps, noise))

@@ -185,3 +185,8 @@ class FlowMapDistillation(AyfTask):
         grid = self.grid(steps, noise) if grid is None else grid
         F_fn = lambda x, t, s: self.net(x, t, s, label=label)  # noqa: E731
         return sample_flow_map(F_fn, noise, grid, gamma=gamma, generator=generator)
+
+    @torch.no_grad()
+    def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler"):
+        """The teacher's own ODE samples from the same noise (the reference beside the student)."""
+        return self.solve_ode(lambda x, t: self.teacher(x, t, label), noise, steps, solver)

@@ -9,7 +9,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from ayf.errors import ConfigError
 from ayf.math.losses import flow_matching_loss
 from ayf.math.path import interpolate, velocity_target
-from ayf.math.samplers import sample_euler
 from ayf.math.times import logit_normal
 from ayf.nn.flow_map import FlowMap
 from ayf.tasks.base import AyfTask
@@ -70,6 +69,6 @@ class FlowMatching(AyfTask):
         self.log("test/loss", self._loss(batch))
 
     @torch.no_grad()
-    def generate(self, noise, steps: int, label=None, generator=None):
-        """Teacher samples by Euler with ``steps`` velocity calls."""
-        return sample_euler(lambda x, t: self.net.velocity(x, t, label=label), noise, self.grid(steps, noise))
+    def generate(self, noise, steps: int, label=None, generator=None, solver: str = "euler"):
+        """Teacher samples: ``steps`` Euler (or Heun) steps of the probability-flow ODE."""
+        return self.solve_ode(lambda x, t: self.net.velocity(x, t, label=label), noise, steps, solver)

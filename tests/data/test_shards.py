@@ -133,7 +133,7 @@ def test_datamodule_batches_and_bad_paths(tmp_path):
     dm = ImageShards(train=str(tmp_path / "s"), val=str(tmp_path / "s"), batch_size=8, epoch_length=40)
     assert dm.data_shape == (1, 8, 8) and dm.num_classes == 7
     batches = list(dm.train_dataloader())
-    assert len(batches) == 5 and batches[0]["x"].shape == (8, 1, 8, 8) and batches[0]["x"].dtype == torch.float32
+    assert len(batches) == len(dm.train_dataloader()) == 5 and batches[0]["x"].shape == (8, 1, 8, 8) and batches[0]["x"].dtype == torch.float32
     assert float(batches[0]["x"].min()) >= -1 and float(batches[0]["x"].max()) <= 1
     assert sum(len(b["x"]) for b in dm.val_dataloader()) == 53
     # a URL pattern with the manifest beside the shards

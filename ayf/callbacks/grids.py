@@ -1,0 +1,85 @@
+"""Image grids: fixed seeds at several step counts, with the teacher beside them."""
+from __future__ import annotations
+
+from typing import List
+
+import lightning as L
+import torch
+
+from ayf.callbacks.ema import sampling_weights
+from ayf.callbacks.plots import publish_figure
+
+
+def tile(images: torch.Tensor, cols: int) -> torch.Tensor:
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(H', W', C)`` float image in [0, 1], 1-pixel gaps."""
+    n, c, h, w = images.shape
+    rows = -(-n // cols)
+    canvas = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    imgs = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]
+    return canvas.permute(1, 2, 0)
+
+
+def grid_figure(panels: dict, cols: int, title: str = ""):
+    """One tiled panel per entry ``{name: (N, C, H, W) in [-1, 1]}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.7), squeeze=False)
+    for ax, (name, imgs) in zip(axes[0], panels.items(), strict=True):
+        img = tile(imgs, cols)
+        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def fixed_inputs(net, n: int, seed: int, device):
+    """Seeded noise and, for class-conditional nets, labels cycling through the classes."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *net.data_shape, generator=gen).to(device)
+    label = (torch.arange(n) % net.num_classes).to(device) if net.num_classes > 0 else None
+    return noise, label
+
+
+class ImageGrid(L.Callback):
+    """After each validation run, samples the same seeds (and class labels, one class per
+    column) at each step count, beside the teacher's samples from that noise, and logs the grid
+    to TensorBoard (``grids``) and as ``<log_dir>/grids/step_<k>.png``. Image data only.
+
+    Args:
+        steps: step counts to draw (flow map: jumps; a flow-matching task: Euler steps).
+        teacher_steps: Euler steps of the teacher column in distillation runs (0: no teacher).
+        num_images: images per panel.
+        cols: images per row in a panel (default: the number of classes, else 8).
+        seed: seed of the fixed noise.
+    """
+
+    def __init__(self, steps: List[int] = (1, 2, 4, 8), teacher_steps: int = 32, num_images: int = 40,
+                 cols: int = 0, seed: int = 0):
+        self.steps = [int(k) for k in steps]
+        self.teacher_steps, self.num_images, self.cols, self.seed = teacher_steps, num_images, cols, seed
+
+    @torch.no_grad()
+    def on_validation_end(self, trainer, pl_module):
+        net = pl_module.net
+        if trainer.sanity_checking or not trainer.is_global_zero or len(net.data_shape) != 3:
+            return
+        noise, label = fixed_inputs(net, self.num_images, self.seed, pl_module.device)
+        panels = {}
+        with sampling_weights(trainer, pl_module):
+            for k in self.steps:
+                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k, label=label)
+            if self.teacher_steps and hasattr(pl_module, "teacher_generate"):
+                panels[f"teacher, Euler {self.teacher_steps}"] = pl_module.teacher_generate(noise, self.teacher_steps, label)
+        cols = self.cols or (net.num_classes if net.num_classes > 0 else 8)
+        publish_figure(trainer, grid_figure(panels, cols, f"{pl_module.kind} @ step {trainer.global_step}"), "grids")

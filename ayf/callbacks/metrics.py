@@ -1,0 +1,157 @@
+"""FidelityMetrics: FD / KID / precision / recall at several step counts, during fit and in ``ayf test``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ayf.callbacks.ema import sampling_weights
+from ayf.errors import ConfigError
+from ayf.metrics.features import FeatureExtractor
+from ayf.metrics.fidelity import fidelity_metrics, reference_features, to_uint8
+
+log = logging.getLogger("ayf.metrics")
+
+
+class FidelityMetrics(L.Callback):
+    """Generates ``num_samples`` images at each step count and compares their features with the
+    real training data (features cached beside the shards). Runs at the end of ``ayf test`` and,
+    with ``every_n_steps``, periodically during fit (EMA weights when an EMA callback runs).
+    Results go to the logger (``fidelity/<solver>_<steps>/<metric>``) and to a JSON file.
+
+    Args:
+        extractor: feature extractor (ayf.metrics.ClassifierFeatures or ayf.metrics.InceptionFeatures).
+        steps: step counts to evaluate (flow map: jumps; a flow-matching teacher: ODE steps).
+        solvers: for a flow-matching teacher, ODE solvers to evaluate (``euler``, ``heun``);
+            flow maps always use their own sampler.
+        num_samples: generated images per setting.
+        reference_count: real images to compare with (default: the whole training set).
+        every_n_steps: evaluate every this many training steps during fit (0: only in test).
+        batch_size: generation batch size.
+        seed: seed of the noise and class labels (the same for every setting).
+        output: JSON file of the results (default ``<log_dir>/fidelity.json``; periodic
+            evaluations append to ``<log_dir>/fidelity.jsonl``).
+        kid_subset_size: subset size of the KID estimate.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        steps: List[int] = (1, 2, 4, 8),
+        solvers: List[str] = ("euler",),
+        num_samples: int = 2000,
+        reference_count: Optional[int] = None,
+        every_n_steps: int = 0,
+        batch_size: int = 500,
+        seed: int = 0,
+        output: Optional[str] = None,
+        kid_subset_size: int = 1000,
+    ):
+        if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(steps) < 1:
+            raise ConfigError("FidelityMetrics needs num_samples >= 2, batch_size >= 1, every_n_steps >= 0 and steps >= 1")
+        self.extractor = extractor
+        self.steps, self.solvers = [int(k) for k in steps], list(solvers)
+        self.num_samples, self.reference_count = num_samples, reference_count
+        self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
+        self.output, self.kid_subset_size = output, kid_subset_size
+        self._real = None
+        self.last_results: Optional[dict] = None
+
+    # --- pieces -----------------------------------------------------------------------------
+    def _reference(self, trainer, pl_module):
+        if self._real is None:
+            dm = trainer.datamodule
+            if not hasattr(dm, "reference_images"):
+                raise ConfigError("FidelityMetrics needs image data (ayf.data.ImageShards)")
+            count = self.reference_count or len(dm.train_source)
+            folder = getattr(dm.train_source, "folder", None)
+            labels = {}
+
+            def images():
+                x, y = dm.reference_images(count)
+                labels["y"] = y
+                return x
+
+            feats = reference_features(self.extractor, images, count, folder, device=pl_module.device)
+            if pl_module.net.num_classes > 0 and "y" not in labels:
+                labels["y"] = dm.reference_images(count)[1]
+            self._real = (feats, labels.get("y"))
+        return self._real
+
+    def _inputs(self, pl_module, ref_labels):
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(self.num_samples, *pl_module.net.data_shape, generator=gen)
+        label = None
+        if pl_module.net.num_classes > 0:
+            # class labels drawn like the real data's
+            label = ref_labels[torch.randint(len(ref_labels), (self.num_samples,), generator=gen)]
+        return noise, label
+
+    def _settings(self, pl_module):
+        flow_map = getattr(pl_module.net, "is_flow_map", False)
+        return [("flow_map", k) for k in self.steps] if flow_map else [(s, k) for s in self.solvers for k in self.steps]
+
+    def _generate(self, pl_module, solver, k, noise, label):
+        out = []
+        for i in range(0, len(noise), self.batch_size):
+            x = noise[i: i + self.batch_size].to(pl_module.device)
+            lab = None if label is None else label[i: i + self.batch_size].to(pl_module.device)
+            kw = {} if solver == "flow_map" else {"solver": solver}
+            out.append(to_uint8(pl_module.generate(x, k, label=lab, **kw)).cpu())
+        return torch.cat(out)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        """``{"<solver>_<steps>": metrics}`` for every setting."""
+        real, ref_labels = self._reference(trainer, pl_module)
+        noise, label = self._inputs(pl_module, ref_labels)
+        results = {}
+        with sampling_weights(trainer, pl_module):
+            for solver, k in self._settings(pl_module):
+                fake = self.extractor.extract(self._generate(pl_module, solver, k, noise, label), device=pl_module.device)
+                results[f"{solver}_{k}"] = fidelity_metrics(fake, real, self.kid_subset_size, seed=self.seed)
+        return results
+
+    def _publish(self, trainer, results: dict, periodic: bool) -> None:
+        step = trainer.global_step
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {f"fidelity/{name}/{m}": v for name, res in results.items() for m, v in res.items()}, step=step)
+        record = {"step": step, "checkpoint": trainer.ckpt_path, "extractor": self.extractor.name,
+                  "num_samples": self.num_samples, "reference_count": len(self._real[0]), "results": results}
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(log_dir, exist_ok=True)
+        if periodic:
+            with open(os.path.join(log_dir, "fidelity.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            return
+        path = self.output or os.path.join(log_dir, "fidelity.json")
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(record, fh, indent=1)
+        rank_zero_info(format_results(results) + f"\nwritten to {path}")
+
+    # --- hooks ------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.last_results = self.evaluate(trainer, pl_module)
+            self._publish(trainer, self.last_results, periodic=True)
+
+    def on_test_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.last_results = self.evaluate(trainer, pl_module)
+            self._publish(trainer, self.last_results, periodic=False)
+
+
+def format_results(results: dict) -> str:
+    """A Markdown table of :meth:`FidelityMetrics.evaluate` results."""
+    lines = ["| setting | FD | KID | precision | recall |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['fd']:.4g} | {r['kid']:.4g} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from ayf.math.tangents import jvp_average_velocity
+from ayf.nn import FlowMap
+from ayf.nn.unet import UNet, mp_cat, mp_silu, mp_sum
+
+
+def make_unet(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(img_channels=2, img_resolution=8, channels=8, channel_mult=(1, 2), num_blocks=1,
+               attn_resolutions=(4,), channels_per_head=8, emb_dim=16)
+    cfg.update(kw)
+    return UNet(**cfg)
+
+
+def test_unet_flow_map_jvp_matches_central_difference(gen):
+    net = FlowMap(make_unet(), num_classes=3).double()
+    for p in net.parameters():  # the zero-initialised gains and branches must be non-trivial here
+        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    assert any(b.num_heads for b in list(net.backbone.enc.values())[1:]), "attention is exercised"
+    x = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(4, generator=gen, dtype=torch.float64)
+    s = t * torch.rand(4, generator=gen, dtype=torch.float64)
+    label = torch.tensor([0, 2, 1, 2])
+    dx, dt, ds = torch.randn_like(x), torch.randn_like(t), torch.randn_like(s)
+    F_fn = lambda xx, tt, ss: net(xx, tt, ss, label=label)  # noqa: E731
+    F, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
+    with torch.no_grad():
+        h = 1e-6
+        fd = (F_fn(x + h * dx, t + h * dt, s + h * ds) - F_fn(x - h * dx, t - h * dt, s - h * ds)) / (2 * h)
+    assert fd.abs().max() > 1e-2  # the check is not vacuous
+    torch.testing.assert_close(dF, fd, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(F, F_fn(x, t, s))
+
+
+def test_student_from_unet_teacher_starts_at_teacher_velocity(gen):
+    teacher = FlowMap(make_unet(seed=1), s_embedding="none").double()
+    for p in teacher.parameters():
+        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    student = FlowMap(make_unet(seed=2)).double()
+    student.init_from_teacher(teacher)
+    x = torch.randn(3, 2, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.rand(3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(student(x, t, 0.3 * t), teacher.velocity(x, t))
+
+
+def test_magnitude_preserving_primitives(gen):
+    a = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    assert mp_silu(a).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=0.02)  # unit RMS
+    assert mp_sum(a, b, 0.3).std().item() == pytest.approx(1.0, abs=0.02)
+    assert mp_cat(a, b[:, :2], 0.5).pow(2).mean().item() == pytest.approx(1.0, abs=0.02)
+    # an untrained U-Net keeps unit-scale activations on unit-scale input
+    net = make_unet(channels=16)
+    net.out_gain.data.fill_(1.0)
+    y = net(torch.randn(64, 2, 8, 8, generator=gen), torch.randn(64, 16, generator=gen))
+    assert 0.3 < y.std().item() < 3.0
+
+
+def test_unet_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="divisible"):
+        make_unet(img_resolution=6, channel_mult=(1, 2, 2))
+    assert math.prod(make_unet().data_shape) == 128
