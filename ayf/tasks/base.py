@@ -60,6 +60,23 @@ class AyfTask(L.LightningModule):
     def trainable_parameters(self):
         return self.net.parameters()
 
+    # --- shape agreement --------------------------------------------------------------------
+    def attached_datamodule(self):
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def known_shapes(self, datamodule=None) -> dict:
+        """``{what: data shape or None}``; every known one must agree."""
+        return {"data shape": getattr(datamodule, "data_shape", None), "model data shape": self.net.data_shape}
+
+    def check_shapes(self, datamodule=None) -> None:
+        known = [(name, tuple(shape)) for name, shape in self.known_shapes(datamodule).items() if shape is not None]
+        for name, shape in known[1:]:
+            if shape != known[0][1]:
+                raise ConfigError(f"{known[0][0]} {known[0][1]} and {name} {shape} disagree")
+
+    def setup(self, stage):
+        self.check_shapes(self.attached_datamodule())
+
     def configure_optimizers(self):
         opt = self._optimizer(list(self.trainable_parameters()))
         if self._lr_scheduler is None:

@@ -88,27 +88,22 @@ class FlowMapDistillation(AyfTask):
         if init_from_teacher:
             if not isinstance(teacher_net, FlowMap):
                 raise ConfigError(f"init_from_teacher needs a network teacher; {type(teacher).__name__} has none (set init_from_teacher: false)")
-            self._check_shapes()
+            self.check_shapes()
             net.init_from_teacher(teacher_net)
 
     # --- wiring -----------------------------------------------------------------------------
-    def _check_shapes(self, datamodule=None) -> None:
-        """Teacher, data and student must agree on the data shape (unknown ones are skipped)."""
-        shapes = {
+    def known_shapes(self, datamodule=None) -> dict:
+        return {
             "teacher data shape": self.teacher.data_shape,
             "data shape": getattr(datamodule, "data_shape", None),
             "student data shape": self.net.data_shape,
         }
-        known = [(name, tuple(shape)) for name, shape in shapes.items() if shape is not None]
-        for name, shape in known[1:]:
-            if shape != known[0][1]:
-                raise ConfigError(f"{known[0][0]} {known[0][1]} and {name} {shape} disagree")
 
     def setup(self, stage):
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self.attached_datamodule()
         if dm is not None:
             self.teacher.bind_data(dm)
-        self._check_shapes(dm)
+        self.check_shapes(dm)
 
     def trainable_parameters(self):
         params = list(self.net.parameters())
