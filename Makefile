@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ayf-installed
 DEMO    ?= demo_out
 
-.PHONY: help install test test-slow test-gpu demo lint bench clean
+.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput digits-data fashion-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -36,6 +36,23 @@ bench: install  ## fidelity and cost benchmarks (prints tables, writes bench_out
 	$(BIN)/python benchmarks/theorem31.py
 	$(BIN)/python benchmarks/cost.py
 	$(BIN)/python benchmarks/fidelity.py
+
+digits-data: install  ## shards of scikit-learn's 8x8 digits -> data/digits/{train,val}
+	test -f data/digits/train/manifest.json || $(BIN)/ayf shards digits --output data/digits --val_fraction 0.2
+
+FASHION := /usr/share/datasets/fashion-mnist
+fashion-data: install  ## Fashion-MNIST shards (Debian package dataset-fashion-mnist) -> data/fashion_mnist
+	test -f $(FASHION)/train-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
+	test -f data/fashion_mnist/train/manifest.json || $(BIN)/ayf shards idx --pad 2 --output data/fashion_mnist/train \
+	  --images $(FASHION)/train-images-idx3-ubyte.gz --labels $(FASHION)/train-labels-idx1-ubyte.gz
+	test -f data/fashion_mnist/val/manifest.json || $(BIN)/ayf shards idx --pad 2 --output data/fashion_mnist/val \
+	  --images $(FASHION)/t10k-images-idx3-ubyte.gz --labels $(FASHION)/t10k-labels-idx1-ubyte.gz
+
+bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD / KID / PR (CPU, ~45 min)
+	$(BIN)/python benchmarks/images.py --dataset digits
+
+bench-throughput: install  ## U-Net training and sampling images/s (CPU, or the GPU when present)
+	$(BIN)/python benchmarks/throughput.py
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf $(DEMO) bench_out lightning_logs

@@ -61,9 +61,7 @@ class ShardSource:
             if missing:
                 raise ConfigError(f"shard {missing[0]} listed in {folder / MANIFEST} is missing")
         else:
-            import braceexpand
-
-            self.urls = list(braceexpand.braceexpand(spec))
+            self.urls = list(wds.shardlists.expand_urls(spec))  # braces and "::"-joined lists
             is_local = "://" not in spec and not spec.startswith("pipe:")
             if is_local and not any(Path(u).exists() for u in self.urls):
                 raise ConfigError(f"shard path {spec} does not exist")

@@ -157,3 +157,25 @@ def test_idx_reader(tmp_path):
     (tmp_path / "bad").write_bytes(header + imgs.tobytes()[:-1])
     with pytest.raises(ConfigError, match="truncated"):
         read_idx(tmp_path / "bad")
+
+
+def test_folder_source_classes_from_subfolders(tmp_path):
+    from PIL import Image
+
+    from ayf.make_shards import main as shards_main
+
+    rng = np.random.default_rng(1)
+    expected = {}
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+            expected[(cls, i)] = arr.transpose(2, 0, 1)
+    assert shards_main(["folder", "--root", str(tmp_path / "imgs"), "--output", str(tmp_path / "s")]) == 0
+    m = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert m["class_names"] == ["cat", "dog"] and m["shape"] == [3, 5, 4] and m["count"] == 6
+    samples = read_all(str(tmp_path / "s"))
+    for j, s in enumerate(samples):  # sorted class folders, sorted files: PNG is lossless
+        cls, i = ("cat", "dog")[j // 3], j % 3
+        assert int(s["label"]) == j // 3 and np.array_equal(s["x"].numpy(), expected[(cls, i)])

@@ -1,0 +1,104 @@
+"""Image quality benchmark: teacher ODE sampling vs the distilled AYF-EMD flow map, in the
+classifier-feature space of `ayf features fit` (FD, KID, precision, recall against the training set).
+
+    python benchmarks/images.py --dataset digits                 # CPU, about 45 minutes
+    python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
+    python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
+
+Steps (each skipped when its output exists): shards (data/<dataset>), the feature extractor
+(data/<dataset>/features.pt), the teacher (configs/<dataset>/teacher.yaml), its evaluation at
+8/16/32/64 Euler and Heun steps, the EMD student (configs/<dataset>/distill_emd.yaml) and its
+evaluation at 1/2/4/8 steps. Runs go to --out; the table goes to <out>/results.md.
+Targets (issue 3): 4-step FD within 10% of the teacher's best, 1-step within 50%, and no
+degradation from 4 to 8 steps.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def run(*args):
+    print("+ ayf " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "ayf", *args], check=True, cwd=ROOT)
+
+
+def newest(pattern):
+    paths = glob.glob(pattern)
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def shards(dataset, data):
+    if os.path.exists(os.path.join(data, "train", "manifest.json")):
+        return
+    if dataset == "digits":
+        run("shards", "digits", "--output", data, "--val_fraction", "0.2")
+        return
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        run("shards", "idx", "--images", f"{FASHION}/{prefix}-images-idx3-ubyte.gz",
+            "--labels", f"{FASHION}/{prefix}-labels-idx1-ubyte.gz", "--pad", "2", "--output", f"{data}/{split}")
+
+
+def fit_and_test(config, out, name, extra=()):
+    common = ["--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out, *extra]
+    ckpt = os.path.join(out, name, "version_0", "checkpoints", "last.ckpt")
+    if not os.path.exists(ckpt):
+        run("fit", "--config", config, *common)
+    result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
+    if result is None:
+        run("test", "--config", config, "--ckpt_path", ckpt, *common)
+        result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
+    return ckpt, json.load(open(result))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["digits", "fashion_mnist"], default="digits")
+    p.add_argument("--out", default=None, help="run folder (default bench_out/<dataset>)")
+    p.add_argument("--eval_only", action="store_true", help="fail instead of training when a checkpoint is missing")
+    args = p.parse_args()
+    out = args.out or os.path.join(ROOT, "bench_out", args.dataset)
+    data = os.path.join(ROOT, "data", args.dataset)
+    cfg = os.path.join(ROOT, "configs", args.dataset)
+    if args.eval_only and not glob.glob(os.path.join(out, "*", "version_0", "checkpoints", "last.ckpt")):
+        sys.exit(f"no checkpoints under {out}")
+    shards(args.dataset, data)
+    if not os.path.exists(os.path.join(data, "features.pt")):
+        run("features", "fit", "--train", f"{data}/train", "--val", f"{data}/val", "--output", f"{data}/features.pt",
+            "--epochs", "60")
+    teacher_ckpt, teacher = fit_and_test(os.path.join(cfg, "teacher.yaml"), out, "teacher")
+    _, student = fit_and_test(os.path.join(cfg, "distill_emd.yaml"), out, "distill_emd",
+                              ["--model.teacher.init_args.ckpt_path", teacher_ckpt])
+
+    rows = {f"teacher {k.replace('_', ' ')}": v for k, v in teacher["results"].items()}
+    rows.update({f"flow map {k.split('_')[-1]}-step": v for k, v in student["results"].items()})
+    best_name, best = min(((n, r["fd"]) for n, r in rows.items() if n.startswith("teacher")), key=lambda a: a[1])
+    fm = {int(k.split("_")[-1]): v["fd"] for k, v in student["results"].items()}
+    lines = [f"{args.dataset}: {student['num_samples']} samples vs {student['reference_count']} training images; "
+             f"features {student['extractor']}", "",
+             "| sampler | FD | KID | precision | recall | FD / teacher best |", "|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['fd']:.4g} | {r['kid']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | {r['fd'] / best:.2f} |")
+    checks = [
+        ("4-step FD within 10% of the teacher's best", fm[4] <= 1.10 * best, f"{fm[4] / best:.2f}x"),
+        ("1-step FD within 50% of the teacher's best", fm[1] <= 1.50 * best, f"{fm[1] / best:.2f}x"),
+        ("no degradation from 4 to 8 steps", fm[8] <= fm[4], f"{fm[4]:.4g} -> {fm[8]:.4g}"),
+    ]
+    lines += ["", f"teacher best: {best_name} (FD {best:.4g})", ""]
+    lines += [f"- {'PASS' if ok else 'MISS'}: {what} ({detail})" for what, ok, detail in checks]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    json.dump({"teacher": teacher, "student": student}, open(os.path.join(out, "results.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
