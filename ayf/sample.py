@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver euler or heun.",
     )
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `ayf fit`")
-    p.add_argument("--output", required=True, help="where to write the samples (.npy)")
+    p.add_argument("--output", required=True, help="where to write the samples: .npy (model units), or .png "
+                   "(images only: a tiled grid, one class per column with --label all)")
     p.add_argument("--steps", type=int, default=None, help="number of steps on a uniform grid (default 1)")
     p.add_argument("--grid", default=None, help="explicit times from 1 to 0, comma-separated, e.g. 1,0.6,0.3,0")
     p.add_argument("--num_samples", type=int, default=None, help="how many samples (default 1000, or the noise file's count)")
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None, help="gamma-sampling in [0, 1] (0 deterministic, 1 consistency-style); default 0, 1 for consistency checkpoints")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="flow_map (default for flow-map checkpoints), or the teacher's euler / heun")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and of gamma-sampling")
-    p.add_argument("--label", type=int, default=None, help="class label for class-conditional models")
+    p.add_argument("--label", default=None, help="class label for class-conditional models, or `all` to cycle "
+                   "through the classes (sample i gets class i mod K)")
     p.add_argument("--batch_size", type=int, default=4096, help="samples per forward batch")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -84,18 +86,28 @@ def main(argv) -> int:
             raise ConfigError(f"--num_samples {args.num_samples} disagrees with the {len(noise)} rows of {args.noise}")
     else:
         noise = torch.randn(args.num_samples or 1000, *shape, generator=gen)
-    label = None
+    labels = None
     if net.num_classes > 0:
         if args.label is None:
-            raise ConfigError("this model is class-conditional: pass --label")
+            raise ConfigError("this model is class-conditional: pass --label K or --label all")
+        if args.label == "all":
+            labels = torch.arange(len(noise)) % net.num_classes
+        elif not args.label.lstrip("-").isdigit() or not 0 <= int(args.label) < net.num_classes:
+            raise ConfigError(f"--label must be `all` or a class in 0..{net.num_classes - 1}, got {args.label}")
+        else:
+            labels = torch.full((len(noise),), int(args.label), dtype=torch.long)
+    png = args.output.lower().endswith(".png")
+    if png and len(shape) != 3:
+        raise ConfigError("a .png output needs image data (C, H, W); this model's data shape is " + str(shape))
     from tqdm.auto import tqdm
 
     out = []
     with torch.no_grad():
-        for chunk in tqdm(noise.split(args.batch_size), desc=f"sampling ({solver}, {len(grid) - 1} steps)", unit="batch"):
+        chunks = noise.split(args.batch_size)
+        label_chunks = labels.split(args.batch_size) if labels is not None else [None] * len(chunks)
+        for chunk, label in tqdm(list(zip(chunks, label_chunks, strict=True)), desc=f"sampling ({solver}, {len(grid) - 1} steps)", unit="batch"):
             x = chunk.to(device)
-            if net.num_classes > 0:
-                label = torch.full((len(x),), args.label, dtype=torch.long, device=device)
+            label = None if label is None else label.to(device)
             g = grid.to(x)
             if solver == "flow_map":
                 F_fn = lambda a, t, s, c=label: net(a, t, s, label=c)  # noqa: E731
@@ -105,6 +117,16 @@ def main(argv) -> int:
                 y = (sample_euler if solver == "euler" else sample_heun)(v_fn, x, g)
             out.append(y.cpu())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    np.save(args.output, torch.cat(out).numpy())
+    samples = torch.cat(out)
+    if png:
+        from PIL import Image
+
+        from ayf.callbacks.grids import tile
+
+        cols = net.num_classes if args.label == "all" else max(1, int(len(samples) ** 0.5))
+        img = (tile(samples, cols) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(args.output)
+    else:
+        np.save(args.output, samples.numpy())
     print(f"wrote {sum(len(o) for o in out)} samples of shape {shape} to {args.output}")
     return 0

@@ -46,32 +46,37 @@ def main():
     print("| network | params | batch | FM train img/s | EMD train img/s | EMD/FM time | sample 1-step img/s | sample 4-step img/s |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        cfg = SIZES[size]
-        batch = args.batch or BATCH[(size, device.type)]
-        teacher = FlowMap(UNet(**cfg), s_embedding="none", num_classes=10).to(device).requires_grad_(False).eval()
-        student = FlowMap(UNet(**cfg), num_classes=10).to(device)
-        student.init_from_teacher(teacher)
-        opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-        shape = (batch, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
-        x0, eps = torch.randn(shape, device=device), torch.randn(shape, device=device)
-        t, s = TimePairSampler()(batch, device=device)
-        label = torch.randint(0, 10, (batch,), device=device)
-        r = torch.tensor(0.5, device=device)
-        F_s = lambda x, tt, ss: student(x, tt, ss, label=label)  # noqa: E731
-        T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
-        t_fm, _ = measure(lambda: step(opt, fm_loss, F_s, x0, t, eps), args.repeats, device, memory=False)
-        t_emd, _ = measure(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), args.repeats, device, memory=False)
-        student.eval()
-        samp = {}
+        print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats), flush=True)
+
+
+def bench_size(size: str, device, batch: int, repeats: int) -> str:
+    """One table row: training and sampling images/s of one network size."""
+    cfg = SIZES[size]
+    teacher = FlowMap(UNet(**cfg), s_embedding="none", num_classes=10).to(device).requires_grad_(False).eval()
+    student = FlowMap(UNet(**cfg), num_classes=10).to(device)
+    student.init_from_teacher(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    shape = (batch, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+    x0, eps = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    t, s = TimePairSampler()(batch, device=device)
+    label = torch.randint(0, 10, (batch,), device=device)
+    r = torch.tensor(0.5, device=device)
+
+    def F_s(x, tt, ss):
+        return student(x, tt, ss, label=label)
+
+    T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
+    t_fm, _ = measure(lambda: step(opt, fm_loss, F_s, x0, t, eps), repeats, device, memory=False)
+    t_emd, _ = measure(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), repeats, device, memory=False)
+    student.eval()
+    samp = {}
+    with torch.no_grad():
         for k in (1, 4):
             grid = time_grid(k).to(device)
-            with torch.no_grad():
-                samp[k], _ = measure(lambda g=grid: sample_flow_map(F_s, eps, g), args.repeats, device, memory=False)
-        student.train()
-        params = sum(q.numel() for q in student.parameters()) / 1e6
-        print(f"| {size} | {params:.2f}M | {batch} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | {t_emd / t_fm:.2f} | "
-              f"{batch / samp[1]:.0f} | {batch / samp[4]:.0f} |")
-
+            samp[k], _ = measure(lambda g=grid: sample_flow_map(F_s, eps, g), repeats, device, memory=False)
+    params = sum(q.numel() for q in student.parameters()) / 1e6
+    return (f"| {size} | {params:.2f}M | {batch} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | {t_emd / t_fm:.2f} | "
+            f"{batch / samp[1]:.0f} | {batch / samp[4]:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ayf.errors import CheckpointError, ConfigError
+from ayf.errors import ConfigError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -115,14 +115,11 @@ class ClassifierFeatures(FeatureExtractor, nn.Module):
 
     def __init__(self, path: str):
         nn.Module.__init__(self)
-        if not os.path.isfile(path):
-            raise ConfigError(f"feature extractor {path} does not exist; train one with `ayf features fit`")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-            raise CheckpointError(f"cannot read feature extractor {path}: {type(err).__name__}") from None
-        if not isinstance(blob, dict) or blob.get("kind") != "ayf-classifier":
-            raise CheckpointError(f"{path} is not an ayf classifier file (written by `ayf features fit`)")
+        from ayf.nn.io import load_ayf_file
+
+        blob = load_ayf_file(path, "classifier feature extractor",
+                             lambda b: isinstance(b, dict) and b.get("kind") == "ayf-classifier",
+                             "ayf features fit", weights_only=True)
         self.net = ClassifierNet(**blob["config"])
         self.net.load_state_dict(blob["state_dict"])
         self.net.eval().requires_grad_(False)

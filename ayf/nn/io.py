@@ -8,17 +8,23 @@ import torch
 from ayf.errors import CheckpointError
 
 
-def read_checkpoint(path: str) -> dict:
-    """Loads a checkpoint file on CPU, turning every failure into a one-line CheckpointError."""
+def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool = False):
+    """``torch.load`` on CPU of a file that ``writer`` wrote; a missing, unreadable or foreign
+    file (``accept(obj)`` false) is a one-line CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path} (write one with `{writer}`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(ckpt, dict) or "ayf" not in ckpt:
-        raise CheckpointError(f"{path} is not an ayf checkpoint (written by `ayf fit`)")
-    return ckpt
+        raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
+    if not accept(obj):
+        raise CheckpointError(f"{path} is not an ayf {what} (written by `{writer}`)")
+    return obj
+
+
+def read_checkpoint(path: str) -> dict:
+    """Loads a checkpoint written by ``ayf fit`` on CPU."""
+    return load_ayf_file(path, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit")
 
 
 def build_network(config: dict):

@@ -79,6 +79,12 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     grid = only(str(tmp_path / "distill_emd" / "version_0" / "grids" / "step_0000003.png"))
     assert os.path.getsize(grid) > 1000
     assert main(["test", "--config", student_cfg, "--ckpt_path", student_ckpt]) == 0
+    # a PNG grid from the student: 8 samples, one class per column (4 classes -> 2 rows of 4)
+    assert main(["sample", "--ckpt_path", student_ckpt, "--steps", "2", "--num_samples", "8", "--label", "all",
+                 "--output", str(tmp_path / "grid.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (4 * 9 + 1, 2 * 9 + 1)
     record = json.loads(open(only(str(tmp_path / "distill_emd" / "version_1" / "fidelity.json"))).read())
     assert record["num_samples"] == 40 and record["reference_count"] == 72
     assert set(record["results"]) == {"flow_map_1", "flow_map_2", "flow_map_4", "flow_map_8"}

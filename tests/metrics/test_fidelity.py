@@ -93,6 +93,6 @@ def test_classifier_features_file_and_reference_cache(tmp_path):
     torch.save({"hello": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an ayf classifier"):
         ClassifierFeatures(str(tmp_path / "other.pt"))
-    with pytest.raises(ConfigError, match="ayf features fit"):
+    with pytest.raises(CheckpointError, match="not found.*ayf features fit"):
         ClassifierFeatures(str(tmp_path / "missing.pt"))
     assert math.isfinite(float(first.sum()))
