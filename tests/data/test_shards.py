@@ -179,3 +179,13 @@ def test_folder_source_classes_from_subfolders(tmp_path):
     for j, s in enumerate(samples):  # sorted class folders, sorted files: PNG is lossless
         cls, i = ("cat", "dog")[j // 3], j % 3
         assert int(s["label"]) == j // 3 and np.array_equal(s["x"].numpy(), expected[(cls, i)])
+
+
+def test_digits_source_scales_to_full_range(tmp_path):
+    from ayf.make_shards import main as shards_main
+
+    assert shards_main(["digits", "--limit", "50", "--output", str(tmp_path / "d"), "--gzip"]) == 0
+    m = json.loads((tmp_path / "d" / MANIFEST).read_text())
+    assert m["count"] == 50 and m["shape"] == [1, 8, 8] and m["num_classes"] == 10
+    x = torch.stack([s["x"] for s in read_all(str(tmp_path / "d"))])
+    assert int(x.max()) == 255 and int(x.min()) == 0  # digits' 0..16 mapped onto 0..255
