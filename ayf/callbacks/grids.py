@@ -29,10 +29,10 @@ def grid_figure(panels: dict, cols: int, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.7), squeeze=False)
-    for ax, (name, imgs) in zip(axes[0], panels.items(), strict=True):
-        img = tile(imgs, cols)
+    tiles = {name: tile(imgs, cols) for name, imgs in panels.items()}
+    n, (h, w) = len(tiles), next(iter(tiles.values())).shape[:2]
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2 * h / w + 0.7), squeeze=False)
+    for ax, (name, img) in zip(axes[0], tiles.items(), strict=True):
         ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
                   interpolation="nearest")
         ax.set_title(name, fontsize=9)

@@ -109,9 +109,14 @@ class FidelityMetrics(L.Callback):
         """``{"<solver>_<steps>": metrics}`` for every setting."""
         real, ref_labels = self._reference(trainer, pl_module)
         noise, label = self._inputs(pl_module, ref_labels)
+        from tqdm.auto import tqdm
+
         results = {}
+        settings = self._settings(pl_module)
+        bar = tqdm(settings, desc="fidelity", unit="setting", disable=not trainer.is_global_zero, leave=False)
         with sampling_weights(trainer, pl_module):
-            for solver, k in self._settings(pl_module):
+            for solver, k in bar:
+                bar.set_postfix_str(f"{solver}, {k} steps")
                 fake = self.extractor.extract(self._generate(pl_module, solver, k, noise, label), device=pl_module.device)
                 results[f"{solver}_{k}"] = fidelity_metrics(fake, real, self.kid_subset_size, seed=self.seed)
         return results

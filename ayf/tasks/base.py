@@ -98,7 +98,15 @@ class AyfTask(L.LightningModule):
             x, label = batch[0], (batch[1] if len(batch) > 1 else None)
         else:
             x, label = batch, None
+        self._batch_size = len(x)
         return x, (label if self.net.num_classes > 0 else None)
+
+    def log(self, name, value, *args, **kwargs):
+        """LightningModule.log with the batch size of the last :meth:`split_batch` (dict batches
+        are otherwise ambiguous to Lightning)."""
+        if getattr(self, "_batch_size", None) is not None:
+            kwargs.setdefault("batch_size", self._batch_size)
+        super().log(name, value, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint):
         # hparams hold config dicts under `ayf fit`, but live objects when a task is built in

@@ -64,3 +64,25 @@ def test_unet_rejects_bad_sizes():
     with pytest.raises(ValueError, match="divisible"):
         make_unet(img_resolution=6, channel_mult=(1, 2, 2))
     assert math.prod(make_unet().data_shape) == 128
+
+
+@pytest.mark.gpu
+def test_unet_jvp_on_cuda_matches_cpu_float64(gen):
+    """On a GPU the forward may use fused attention; the JVP runs on the math kernel."""
+    net = FlowMap(make_unet(), num_classes=3).double()
+    for p in net.parameters():
+        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(4, generator=gen, dtype=torch.float64)
+    s = 0.5 * t
+    label = torch.tensor([0, 2, 1, 2])
+    dx, dt, ds = torch.randn_like(x), torch.ones_like(t), torch.zeros_like(s)
+    ref_F, ref_dF = jvp_average_velocity(lambda a, b, c: net(a, b, c, label=label), x, t, s, dx, dt, ds)
+    gpu = net.float().cuda()
+    lab = label.cuda()
+    args = [a.float().cuda() for a in (x, t, s, dx, dt, ds)]
+    F, dF = jvp_average_velocity(lambda a, b, c: gpu(a, b, c, label=lab), *args)
+    torch.testing.assert_close(F.double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(dF.double().cpu(), ref_dF, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # the ordinary forward (any attention kernel) agrees too
+        torch.testing.assert_close(gpu(*args[:3], label=lab).double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
