@@ -130,7 +130,9 @@ def sample_pipeline(
     dataloader workers."""
     handler = counter or SkipCounter()
     if resampled:
-        stages = [wds.ResampledShards(source.urls, seed=seed + 7919 * rank, deterministic=True)]
+        # fresh randomness per epoch, worker and rank (the pipeline is rebuilt every epoch, so a
+        # deterministic seed would replay the same shard sequence each time)
+        stages = [wds.ResampledShards(source.urls, seed=seed + 7919 * rank, deterministic=False)]
     else:
         stages = [wds.SimpleShardList(source.urls), split_by_rank(rank, world_size), wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=handler))
@@ -181,7 +183,7 @@ class ImageShards(L.LightningDataModule):
             False reads each training sample once per epoch instead.
         shuffle_buffer: size of the sample shuffle buffer for training (0 or 1: no shuffling).
         num_workers: dataloader worker processes.
-        seed: seed of the shard resampling.
+        seed: mixed into the shard resampling (training order is random per epoch and run).
     """
 
     def __init__(
