@@ -41,13 +41,21 @@ def test_every_shipped_config_parses(config, capsys):
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("ayf.tasks.")
-    assert printed["data"]["init_args"]["mixture"]["means"]
+    data = printed["data"]["init_args"]
+    assert data["mixture"]["means"] if "mixture" in data else data["train"].startswith("data/")
+
+
+def test_parsing_an_image_config_needs_no_data_on_disk(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", os.path.join(ROOT, "configs", "fashion_mnist", "teacher.yaml"), "--print_config",
+              "--data.init_args.train", "/nonexistent/shards"])
+    assert exit_.value.code == 0
 
 
 def test_top_level_help_names_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "sample"):
+    for sub in ("fit", "validate", "test", "sample", "shards", "features"):
         assert f"  {sub} " in out
     assert main(["bogus"]) == 2
 
