@@ -24,7 +24,7 @@ def blobs(n=96, seed=0):
     return x, y
 
 
-def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fidelity=True):
+def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fidelity=True, every_n_steps=0):
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "digits", name)))
     cfg["data"] = {"class_path": "ayf.data.ImageShards",
                    "init_args": {"train": str(tmp_path / "shards" / "train"), "val": str(tmp_path / "shards" / "val"),
@@ -38,7 +38,7 @@ def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fide
     for cb in tr["callbacks"]:
         if cb["class_path"].endswith("FidelityMetrics"):
             cb["init_args"]["extractor"]["init_args"]["path"] = str(tmp_path / "features.pt")
-            cb["init_args"].update(num_samples=40, batch_size=20, kid_subset_size=20, every_n_steps=0)
+            cb["init_args"].update(num_samples=40, batch_size=20, kid_subset_size=20, every_n_steps=every_n_steps)
             if fidelity_steps:
                 cb["init_args"]["steps"] = fidelity_steps
     model = cfg["model"]["init_args"]
@@ -73,9 +73,11 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     record = json.loads(open(only(str(tmp_path / "teacher" / "version_1" / "fidelity.json"))).read())
     assert set(record["results"]) == {"euler_2", "euler_4", "heun_2", "heun_4"}
 
-    student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt)
+    student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt, every_n_steps=3)
     assert main(["fit", "--config", student_cfg]) == 0
     student_ckpt = only(str(tmp_path / "distill_emd" / "version_0" / "checkpoints" / "last.ckpt"))
+    periodic = [json.loads(line) for line in open(tmp_path / "distill_emd" / "version_0" / "fidelity.jsonl")]
+    assert [r["step"] for r in periodic] == [3] and "flow_map_4" in periodic[0]["results"]
     grid = only(str(tmp_path / "distill_emd" / "version_0" / "grids" / "step_0000003.png"))
     assert os.path.getsize(grid) > 1000
     assert main(["test", "--config", student_cfg, "--ckpt_path", student_ckpt]) == 0
