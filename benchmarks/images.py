@@ -1,7 +1,7 @@
 """Image quality benchmark: teacher ODE sampling vs the distilled AYF-EMD flow map, in the
 classifier-feature space of `ayf features fit` (FD, KID, precision, recall against the training set).
 
-    python benchmarks/images.py --dataset digits                 # CPU, about 45 minutes
+    python benchmarks/images.py --dataset digits                 # CPU, about an hour
     python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
     python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
 
