@@ -48,7 +48,7 @@ fashion-data: install  ## Fashion-MNIST shards (Debian package dataset-fashion-m
 	test -f data/fashion_mnist/val/manifest.json || $(BIN)/ayf shards idx --pad 2 --output data/fashion_mnist/val \
 	  --images $(FASHION)/t10k-images-idx3-ubyte.gz --labels $(FASHION)/t10k-labels-idx1-ubyte.gz
 
-bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD / KID / PR (CPU, ~45 min)
+bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD / KID / PR (CPU, about an hour)
 	$(BIN)/python benchmarks/images.py --dataset digits
 
 bench-throughput: install  ## U-Net training and sampling images/s (CPU, or the GPU when present)
