@@ -9,6 +9,7 @@ from typing import List, Optional
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
 
 from ayf.callbacks.ema import sampling_weights
 from ayf.errors import ConfigError
@@ -54,6 +55,9 @@ class FidelityMetrics(L.Callback):
     ):
         if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(steps) < 1:
             raise ConfigError("FidelityMetrics needs num_samples >= 2, batch_size >= 1, every_n_steps >= 0 and steps >= 1")
+        unknown = [s for s in solvers if s not in ("euler", "heun")]
+        if unknown:
+            raise ConfigError(f"unknown teacher solver {unknown[0]!r} in FidelityMetrics; choose euler or heun")
         self.extractor = extractor
         self.steps, self.solvers = [int(k) for k in steps], list(solvers)
         self.num_samples, self.reference_count = num_samples, reference_count
@@ -109,8 +113,6 @@ class FidelityMetrics(L.Callback):
         """``{"<solver>_<steps>": metrics}`` for every setting."""
         real, ref_labels = self._reference(trainer, pl_module)
         noise, label = self._inputs(pl_module, ref_labels)
-        from tqdm.auto import tqdm
-
         results = {}
         settings = self._settings(pl_module)
         bar = tqdm(settings, desc="fidelity", unit="setting", disable=not trainer.is_global_zero, leave=False)
