@@ -19,7 +19,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -298,11 +298,6 @@ def load_image(path, channels: Optional[int]) -> np.ndarray:
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ConfigError(f"cannot read image {path}: {err}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def pad_images(images: Iterable, pad: int) -> Iterator:
-    for x in images:
-        yield np.pad(x, ((0, 0), (pad, pad), (pad, pad))) if pad else x
 
 
 class Source:
