@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from ayf.errors import ConfigError
-from ayf.math.samplers import sample_euler, sample_flow_map, sample_heun
+from ayf.math.samplers import ODE_SOLVERS, sample_flow_map
 from ayf.math.times import check_grid, time_grid
 from ayf.nn.io import load_network
 
-SOLVERS = ("flow_map", "euler", "heun")
+SOLVERS = ("flow_map", *ODE_SOLVERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,7 @@ def main(argv) -> int:
                 y = sample_flow_map(F_fn, x, g, gamma=gamma, generator=gen if device.type == "cpu" else None)
             else:
                 v_fn = lambda a, t, c=label: net.velocity(a, t, label=c)  # noqa: E731
-                y = (sample_euler if solver == "euler" else sample_heun)(v_fn, x, g)
+                y = ODE_SOLVERS[solver](v_fn, x, g)
             out.append(y.cpu())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     samples = torch.cat(out)

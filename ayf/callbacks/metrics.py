@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ayf.callbacks.ema import sampling_weights
 from ayf.errors import ConfigError
+from ayf.math.samplers import ODE_SOLVERS
 from ayf.metrics.features import FeatureExtractor
 from ayf.metrics.fidelity import fidelity_metrics, reference_features, to_uint8
 
@@ -55,7 +56,7 @@ class FidelityMetrics(L.Callback):
     ):
         if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(steps) < 1:
             raise ConfigError("FidelityMetrics needs num_samples >= 2, batch_size >= 1, every_n_steps >= 0 and steps >= 1")
-        unknown = [s for s in solvers if s not in ("euler", "heun")]
+        unknown = [s for s in solvers if s not in ODE_SOLVERS]
         if unknown:
             raise ConfigError(f"unknown teacher solver {unknown[0]!r} in FidelityMetrics; choose euler or heun")
         self.extractor = extractor

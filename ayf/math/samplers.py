@@ -80,3 +80,7 @@ def sample_heun(v_fn, noise, grid, callback=None):
         if callback is not None:
             callback(i, x)
     return x
+
+
+ODE_SOLVERS = {"euler": sample_euler, "heun": sample_heun}
+"""The teacher's probability-flow ODE solvers by name (one signature: ``(v_fn, noise, grid)``)."""

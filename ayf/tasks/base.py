@@ -8,10 +8,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ayf.errors import ConfigError, NonFiniteLossError
-from ayf.math.samplers import sample_euler, sample_heun
+from ayf.math.samplers import ODE_SOLVERS
 from ayf.math.times import time_grid
-
-SOLVERS = {"euler": sample_euler, "heun": sample_heun}
 
 
 def default_optimizer(params):
@@ -133,6 +131,6 @@ class AyfTask(L.LightningModule):
     def solve_ode(self, velocity_fn, noise, steps: int, solver: str = "euler"):
         """Teacher-style ODE sampling from t = 1 to 0 on the uniform grid; ``solver`` euler or
         heun (Heun: 2 * steps velocity calls)."""
-        if solver not in SOLVERS:
-            raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        return SOLVERS[solver](velocity_fn, noise, self.grid(steps, noise))
+        if solver not in ODE_SOLVERS:
+            raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
+        return ODE_SOLVERS[solver](velocity_fn, noise, self.grid(steps, noise))
