@@ -12,10 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from ayf.callbacks.ema import sampling_weights
+from ayf.data.shards import to_uint8
 from ayf.errors import ConfigError
 from ayf.math.samplers import ODE_SOLVERS
 from ayf.metrics.features import FeatureExtractor
-from ayf.metrics.fidelity import fidelity_metrics, reference_features, to_uint8
+from ayf.metrics.fidelity import fidelity_metrics, reference_features
 
 log = logging.getLogger("ayf.metrics")
 
@@ -65,7 +66,6 @@ class FidelityMetrics(L.Callback):
         self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
         self.output, self.kid_subset_size = output, kid_subset_size
         self._real = None
-        self.last_results: Optional[dict] = None
 
     # --- pieces -----------------------------------------------------------------------------
     def _reference(self, trainer, pl_module):
@@ -148,13 +148,11 @@ class FidelityMetrics(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self.last_results = self.evaluate(trainer, pl_module)
-            self._publish(trainer, self.last_results, periodic=True)
+            self._publish(trainer, self.evaluate(trainer, pl_module), periodic=True)
 
     def on_test_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.last_results = self.evaluate(trainer, pl_module)
-            self._publish(trainer, self.last_results, periodic=False)
+            self._publish(trainer, self.evaluate(trainer, pl_module), periodic=False)
 
 
 def format_results(results: dict) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -221,10 +221,6 @@ class ImageShards(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.train_source.num_classes
 
-    @property
-    def manifest(self) -> dict:
-        return self.train_source.manifest
-
     def _rank(self):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
@@ -268,7 +264,3 @@ class ImageShards(L.LightningDataModule):
                 break
         return torch.stack(xs), (torch.stack(ys) if ys else None)
 
-
-def read_all(spec: str, raw: bool = True, **kw) -> Sequence[dict]:
-    """Every sample of a shard set, in order (a small-data helper for tools and tests)."""
-    return list(sample_pipeline(ShardSource(spec), raw=raw, **kw))

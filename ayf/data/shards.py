@@ -35,6 +35,13 @@ def to_model_units(images_u8):
     return images_u8 / 127.5 - 1.0
 
 
+def to_uint8(x):
+    """Model units -> uint8 pixels, the inverse of :func:`to_model_units` (rounded, clamped; torch)."""
+    import torch
+
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def read_manifest(folder) -> dict:
     """The manifest of a shard folder, with a one-line error when it is missing or unreadable."""
     folder = Path(folder)

@@ -64,7 +64,3 @@ def reference_features(extractor, images_fn, count: int, cache_dir: Optional[Pat
             log.warning("could not cache reference features at %s: %s", path, err)
     return feats
 
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model units [-1, 1] -> uint8 pixels (round to nearest, clamp)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

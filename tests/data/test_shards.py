@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from ayf.data.images import ImageShards, ShardSource, SkipCounter, read_all, sample_pipeline
+from ayf.data.images import ImageShards, ShardSource, SkipCounter, sample_pipeline
 from ayf.data.shards import MANIFEST, Source, read_idx, write_dataset
 from ayf.errors import ConfigError
+
+
+def read_all(spec, raw=True):
+    """Every sample of a shard set, in order."""
+    return list(sample_pipeline(ShardSource(spec), raw=raw))
 
 
 def _images(n=40, shape=(3, 6, 5), seed=0):
