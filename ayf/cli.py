@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 HELP = """usage: ayf {fit,validate,test,sample,shards,features} [options]
 
@@ -45,6 +46,20 @@ def _lightning_cli(args):
             if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
                 callbacks = list(callbacks) + [ProgressBar()]
             return super()._instantiate_trainer(config, callbacks)
+
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument(
+                "--guidance", type=Optional[float], default=None,
+                help="guidance scale lam for sampling in validation, plots and FidelityMetrics: a guided "
+                "flow map's condition, or classifier-free guidance of a teacher trained with label_dropout "
+                "(default: the model's sample_guidance)")
+
+        def _apply_guidance(self):
+            lam = self.config[self.subcommand].get("guidance")
+            if lam is not None:
+                self.model.set_sample_guidance(float(lam))
+
+        before_fit = before_validate = before_test = _apply_guidance
 
     return AyfCLI(
         AyfTask,

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and of gamma-sampling")
     p.add_argument("--label", default=None, help="class label for class-conditional models, or `all` to cycle "
                    "through the classes (sample i gets class i mod K)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale lam: of a guided flow map (default: "
+                   "its training run's sample_guidance), or classifier-free guidance of a teacher trained with label_dropout")
     p.add_argument("--batch_size", type=int, default=4096, help="samples per forward batch")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -96,6 +98,19 @@ def main(argv) -> int:
             raise ConfigError(f"--label must be `all` or a class in 0..{net.num_classes - 1}, got {args.label}")
         else:
             labels = torch.full((len(noise),), int(args.label), dtype=torch.long)
+    if solver == "flow_map":
+        lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
+        if lam is not None and not net.guidance:
+            raise ConfigError(f"{args.ckpt_path} was not distilled with guidance: leave out --guidance")
+        velocity = None
+    else:
+        from ayf.tasks.flow_matching import cfg_velocity
+
+        if not net.is_flow_map:
+            velocity = cfg_velocity(net, args.guidance, meta.get("label_dropout"))
+        else:
+            lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
+            velocity = lambda a, t, c, n=net: n.velocity(a, t, label=c, guidance=lam)  # noqa: E731
     png = args.output.lower().endswith(".png")
     if png and len(shape) != 3:
         raise ConfigError("a .png output needs image data (C, H, W); this model's data shape is " + str(shape))
@@ -110,11 +125,10 @@ def main(argv) -> int:
             label = None if label is None else label.to(device)
             g = grid.to(x)
             if solver == "flow_map":
-                F_fn = lambda a, t, s, c=label: net(a, t, s, label=c)  # noqa: E731
+                F_fn = lambda a, t, s, c=label: net(a, t, s, label=c, guidance=lam)  # noqa: E731
                 y = sample_flow_map(F_fn, x, g, gamma=gamma, generator=gen if device.type == "cpu" else None)
             else:
-                v_fn = lambda a, t, c=label: net.velocity(a, t, label=c)  # noqa: E731
-                y = ODE_SOLVERS[solver](v_fn, x, g)
+                y = ODE_SOLVERS[solver](lambda a, t, c=label: velocity(a, t, c), x, g)
             out.append(y.cpu())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     samples = torch.cat(out)

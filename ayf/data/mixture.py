@@ -1,6 +1,8 @@
 """Synthetic Gaussian-mixture data whose density and velocity are known in closed form."""
 from __future__ import annotations
 
+from typing import List, Optional
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -22,7 +24,7 @@ class _Samples(Dataset):
 
 class GaussianMixture(L.LightningDataModule):
     """Isotropic Gaussian mixture in any dimension; batches are ``{"x": (B, D), "label": (B,)}``
-    with the component index as label.
+    with the component index as label, or the component's class when ``classes`` is given.
 
     Args:
         mixture: mapping with keys ``means`` (K x D), ``stds`` (K) and ``weights`` (K). The
@@ -32,6 +34,8 @@ class GaussianMixture(L.LightningDataModule):
         val_samples: size of the validation set.
         seed: seed of the drawn data.
         num_workers: DataLoader workers.
+        classes: class label of each component (default: its index), e.g. ``[0, 1, 0, 1]``
+            for two classes of two modes each.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class GaussianMixture(L.LightningDataModule):
         val_samples: int = 4096,
         seed: int = 0,
         num_workers: int = 0,
+        classes: Optional[List[int]] = None,
     ):
         super().__init__()
         try:
@@ -54,14 +59,18 @@ class GaussianMixture(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_samples, self.val_samples = train_samples, val_samples
         self.data_shape = (self.oracle.dim,)
-        self.num_classes = len(self.mixture["weights"])
+        k = len(self.mixture["weights"])
+        if classes is not None and (len(classes) != k or min(classes) < 0):
+            raise ConfigError(f"classes must give a label >= 0 to each of the {k} components, got {list(classes)}")
+        self.classes = torch.arange(k) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
+        self.num_classes = int(self.classes.max()) + 1
         self._sets = {}
 
     def _split(self, name, n, offset):
         if name not in self._sets:
             gen = torch.Generator().manual_seed(self.seed + offset)
             x, k = self.oracle.sample(n, generator=gen, dtype=torch.float32, return_labels=True)
-            self._sets[name] = _Samples(x, k)
+            self._sets[name] = _Samples(x, self.classes[k])
         return self._sets[name]
 
     def reference_batch(self, n: int) -> torch.Tensor:

@@ -13,4 +13,4 @@ def guided_velocity(v_strong: torch.Tensor, v_weak: torch.Tensor, lam) -> torch.
     uses the unconditional prediction. ``lam = 1`` returns ``v_strong``. lam: scalar or ``(B,)``.
     """
     lam = bcast(lam, v_strong)
-    return v_weak + lam * (v_strong - v_weak)
+    return lam * v_strong + (1 - lam) * v_weak

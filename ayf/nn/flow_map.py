@@ -11,12 +11,15 @@ from ayf.math.flow_map import apply_flow_map
 from ayf.nn.embeddings import ScalarEmbedding
 
 S_EMBEDDINGS = ("t_minus_s", "s", "none")
+NULL_LABEL = -1  # "no class": the unconditional prediction of classifier-free guidance
 
 
 class FlowMap(nn.Module):
     """Average velocity ``F(x_t, t, s)`` of a flow map ``f = x_t + (s - t) F`` around a backbone.
 
     The conditioning vector is ``emb(t) + emb_s(t - s or s) + emb(label) + emb(guidance)``.
+    A negative label (:data:`NULL_LABEL`) contributes no class embedding: the unconditional
+    model that classifier-free guidance needs (train it with ``FlowMatching(label_dropout=...)``).
     The s and guidance branches start at zero, so a student copied from a teacher (which has
     ``s_embedding: none``) satisfies ``F(x, t, s) = v(x, t)`` for every s at init.
 
@@ -72,10 +75,13 @@ class FlowMap(nn.Module):
         if self.label_emb is not None:
             if label is None:
                 raise ConfigError("this model is class-conditional: pass a label")
-            emb = emb + self.label_emb(label)
+            known = (label >= 0).unsqueeze(1)
+            emb = emb + self.label_emb(label.clamp(min=0)) * known.to(emb.dtype)
         if self.guidance_emb is not None:
             lam = torch.ones_like(t) if guidance is None else torch.as_tensor(guidance, dtype=t.dtype, device=t.device).expand_as(t)
             emb = emb + self.guidance_emb(lam - 1.0)
+        elif guidance is not None:
+            raise ConfigError("this network was not distilled with guidance (`guidance: true`); it takes no guidance scale")
         return self.backbone(x, emb, label)
 
     def velocity(self, x, t, label=None, guidance=None):

@@ -30,6 +30,9 @@ class AyfTask(L.LightningModule):
     """Base of ayf's tasks. ``net`` is the trained FlowMap; callbacks (EMA, plots) use it."""
 
     kind = "AyfTask"
+    #: guidance scale lam used by :meth:`generate` when none is passed (validation, plots,
+    #: ``ayf test --guidance``); None: the task's default
+    sample_guidance = None
 
     def __init__(
         self,
@@ -42,6 +45,10 @@ class AyfTask(L.LightningModule):
         self._lr_scheduler = lr_scheduler
         self._compiled = None
         self.compile_loss = compile
+
+    def set_sample_guidance(self, lam: float) -> None:
+        """Sets :attr:`sample_guidance`; a model that cannot be guided raises ConfigError."""
+        raise ConfigError(f"{self.kind} cannot sample with guidance")
 
     def loss_terms(self, *tensors):  # pragma: no cover - abstract
         """Per-example loss from tensors only (what ``compile`` compiles)."""

@@ -1,7 +1,7 @@
 """FlowMapDistillation: AYF-EMD / AYF-LMD / continuous consistency (spec sections 3-5)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -52,6 +52,11 @@ class FlowMapDistillation(AyfTask):
         lr_scheduler: optional learning-rate scheduler factory, stepped every batch.
         compile: run the loss computation (teacher, JVP, forward) through ``torch.compile``;
             the first step compiles. See benchmarks/cost.py.
+        guidance_range: ``[lo, hi]`` of the guidance scale lam drawn per example (uniformly) for
+            a guided teacher (ayf.nn.GuidedTeacher); the student (``guidance: true``) learns
+            every lam in it. Paper: [1, 3].
+        sample_guidance: lam of validation, plots and ``ayf test`` (default: the middle of
+            guidance_range); ``ayf test --guidance`` overrides it.
     """
 
     kind = "FlowMapDistillation"
@@ -68,6 +73,8 @@ class FlowMapDistillation(AyfTask):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         compile: bool = False,
+        guidance_range: List[float] = (1.0, 3.0),
+        sample_guidance: Optional[float] = None,
     ):
         super().__init__(optimizer, lr_scheduler, compile)
         if objective not in OBJECTIVES:
@@ -76,6 +83,10 @@ class FlowMapDistillation(AyfTask):
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         if not net.is_flow_map:
             raise ConfigError("the student net needs an s embedding (`s_embedding: t_minus_s` or `s`)")
+        self.guidance_range = check_guidance(net, teacher, guidance_range)
+        if self.guidance_range is not None and sample_guidance is None:
+            sample_guidance = sum(self.guidance_range) / 2
+        self.sample_guidance = sample_guidance
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "time_sampler", "teacher"])
         self.net = net
         self.teacher = teacher.requires_grad_(False).eval()
@@ -127,11 +138,18 @@ class FlowMapDistillation(AyfTask):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # --- the objective ----------------------------------------------------------------------
-    def loss_terms(self, x0, eps, t, s, r, label):
-        """Per-example loss and mean unnormalised tangent norm; r is a 0-d tensor (no recompiles)."""
+    def teacher_velocity(self, label, lam):
+        """``v(x, t)`` of the (guided, at scale lam) teacher."""
+        if self.teacher.guided:
+            return lambda x, t: self.teacher(x, t, label, guidance=lam)
+        return lambda x, t: self.teacher(x, t, label)
+
+    def loss_terms(self, x0, eps, t, s, r, label, lam=None):
+        """Per-example loss and mean unnormalised tangent norm; r is a 0-d tensor (no recompiles).
+        lam ``(B,)``: guidance scales (guided teachers); the JVP holds it fixed (tangent 0)."""
         x_t = interpolate(x0, eps, t)
-        F_fn = lambda x, tt, ss: self.net(x, tt, ss, label=label)  # noqa: E731
-        teacher = lambda x, tt: self.teacher(x, tt, label)  # noqa: E731
+        F_fn = lambda x, tt, ss: self.net(x, tt, ss, label=label, guidance=lam)  # noqa: E731
+        teacher = self.teacher_velocity(label, lam)
         if self.hparams.objective == "lmd":
             F, g = lmd_tangent(F_fn, teacher, x_t, t, s)
         else:
@@ -151,7 +169,11 @@ class FlowMapDistillation(AyfTask):
         if self.hparams.objective == "consistency":
             s = torch.zeros_like(s)
         r = torch.tensor(float(self.tangent_r), device=x0.device, dtype=x0.dtype)
-        per, g_norm = self.per_example_loss(x0, torch.randn_like(x0), t, s, r, label)
+        lam = None
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            lam = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        per, g_norm = self.per_example_loss(x0, torch.randn_like(x0), t, s, r, label, lam)
         return per, {"tangent_norm": g_norm}
 
     def training_step(self, batch, batch_idx):
@@ -172,16 +194,52 @@ class FlowMapDistillation(AyfTask):
         per, _ = self.losses(batch)
         self.log("test/loss", per.mean())
 
+    def set_sample_guidance(self, lam: float) -> None:
+        if not self.net.guidance:
+            raise ConfigError("this flow map was not distilled with guidance; leave out --guidance")
+        self.sample_guidance = lam
+
+    def _lam(self, guidance, like):
+        lam = self.sample_guidance if guidance is None else guidance
+        if lam is not None and not self.net.guidance:
+            raise ConfigError("this flow map was not distilled with guidance; sample it without a guidance scale")
+        return None if lam is None else torch.full((like.shape[0],), float(lam), device=like.device, dtype=like.dtype)
+
     @torch.no_grad()
-    def generate(self, noise, steps: int, label=None, generator=None, gamma: Optional[float] = None, grid=None):
-        """Flow-map samples; the consistency objective samples with gamma = 1 by default."""
+    def generate(self, noise, steps: int, label=None, generator=None, gamma: Optional[float] = None, grid=None,
+                 guidance=None):
+        """Flow-map samples; the consistency objective samples with gamma = 1 by default.
+        guidance: lam of a guided student (default :attr:`sample_guidance`)."""
         if gamma is None:
             gamma = 1.0 if self.hparams.objective == "consistency" else 0.0
         grid = self.grid(steps, noise) if grid is None else grid
-        F_fn = lambda x, t, s: self.net(x, t, s, label=label)  # noqa: E731
+        lam = self._lam(guidance, noise)
+        F_fn = lambda x, t, s: self.net(x, t, s, label=label, guidance=lam)  # noqa: E731
         return sample_flow_map(F_fn, noise, grid, gamma=gamma, generator=generator)
 
     @torch.no_grad()
-    def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler"):
-        """The teacher's own ODE samples from the same noise (the reference beside the student)."""
-        return self.solve_ode(lambda x, t: self.teacher(x, t, label), noise, steps, solver)
+    def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler", guidance=None):
+        """The teacher's own ODE samples from the same noise (the reference beside the student),
+        guided at the student's sampling scale."""
+        lam = self._lam(guidance, noise) if self.teacher.guided else None
+        return self.solve_ode(self.teacher_velocity(label, lam), noise, steps, solver)
+
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ayf"]["sample_guidance"] = self.sample_guidance
+
+
+def check_guidance(net: FlowMap, teacher: Teacher, guidance_range):
+    """The lam range when the teacher is guided (None otherwise); a student and a teacher that
+    disagree about guidance are a ConfigError."""
+    if teacher.guided != net.guidance:
+        if teacher.guided:
+            raise ConfigError("a guided teacher needs a student built with `guidance: true` (ayf.nn.FlowMap)")
+        raise ConfigError("the student is built with `guidance: true` but the teacher is not guided "
+                          "(wrap it in ayf.nn.GuidedTeacher)")
+    if not teacher.guided:
+        return None
+    lo, hi = (float(v) for v in guidance_range)
+    if not 0.0 <= lo <= hi:
+        raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {list(guidance_range)}")
+    return lo, hi
