@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from ayf.callbacks.ema import sampling_weights
-from ayf.callbacks.plots import publish_figure
+from ayf.callbacks.plots import fixed_inputs, publish_figure
 
 
 def tile(images: torch.Tensor, cols: int) -> torch.Tensor:
@@ -41,14 +41,6 @@ def grid_figure(panels: dict, cols: int, title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def fixed_inputs(net, n: int, seed: int, device):
-    """Seeded noise and, for class-conditional nets, labels cycling through the classes."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *net.data_shape, generator=gen).to(device)
-    label = (torch.arange(n) % net.num_classes).to(device) if net.num_classes > 0 else None
-    return noise, label
 
 
 class ImageGrid(L.Callback):

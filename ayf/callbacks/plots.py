@@ -63,18 +63,25 @@ class SamplePlot(L.Callback):
         shape = tuple(pl_module.net.data_shape)
         if len(shape) != 1:
             return
-        gen = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(self.num_samples, *shape, generator=gen).to(pl_module.device)
+        noise, label = fixed_inputs(pl_module.net, self.num_samples, self.seed, pl_module.device)
         panels = {}
         data = self._data(trainer, self.num_samples)
         if data is not None:
             panels["data"] = data
         with sampling_weights(trainer, pl_module):
             for k in self.steps:
-                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k).cpu()
+                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k, label=label).cpu()
         lim = float(max(p.abs().quantile(0.995) for p in panels.values())) * 1.1
         fig = scatter_figure(panels, f"{pl_module.kind} @ step {trainer.global_step}", lim)
         publish_figure(trainer, fig, "samples")
+
+
+def fixed_inputs(net, n: int, seed: int, device):
+    """Seeded noise and, for class-conditional nets, labels cycling through the classes."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *net.data_shape, generator=gen).to(device)
+    label = (torch.arange(n) % net.num_classes).to(device) if net.num_classes > 0 else None
+    return noise, label
 
 
 def publish_figure(trainer, fig, tag: str) -> str:

@@ -29,6 +29,27 @@ def fidelity_row(oracle: MixtureOracle, samples, exact, reference) -> dict:
     }
 
 
+def mode_recall(oracle: MixtureOracle, samples, radius: float = 3.0) -> torch.Tensor:
+    """Share of each mode's mass recovered ``(K,)``: the fraction of samples that lie within
+    ``radius`` standard deviations of mode k (nearest in that scale), divided by its weight w_k,
+    capped at 1. Samples between modes count for none."""
+    x = samples.double().cpu()
+    z = (x[:, None, :] - oracle.means[None]).norm(dim=2) / oracle.stds[None]  # (N, K)
+    dist, k = z.min(dim=1)
+    share = torch.bincount(k[dist <= radius], minlength=len(oracle.weights)).double() / len(x)
+    return (share / oracle.weights).clamp(max=1.0)
+
+
+def class_oracles(oracle: MixtureOracle, classes) -> list:
+    """One mixture per class: the components whose class is c, reweighted within the class."""
+    classes = torch.as_tensor(classes)
+    out = []
+    for c in range(int(classes.max()) + 1):
+        idx = (classes == c).nonzero().flatten()
+        out.append(MixtureOracle(oracle.means[idx], oracle.stds[idx], oracle.weights[idx]))
+    return out
+
+
 def load_mixture(path: str = "configs/toy/data.yaml") -> MixtureOracle:
     """The mixture of a data config (``init_args.mixture``) or of a bare ``mixture:`` file."""
     import yaml
@@ -36,6 +57,16 @@ def load_mixture(path: str = "configs/toy/data.yaml") -> MixtureOracle:
     with open(path) as fh:
         cfg = yaml.safe_load(fh)
     return MixtureOracle.from_config(cfg["init_args"]["mixture"] if "init_args" in cfg else cfg["mixture"])
+
+
+def load_classes(path: str = "configs/toy/data.yaml"):
+    """The per-component class labels of a data config (component index when it has none)."""
+    import yaml
+
+    with open(path) as fh:
+        cfg = yaml.safe_load(fh)
+    args = cfg.get("init_args", cfg)
+    return args.get("classes") or list(range(len(args["mixture"]["weights"])))
 
 
 def data_row(oracle: MixtureOracle, n: int, exact, reference, generator=None) -> dict:

@@ -1,0 +1,143 @@
+"""Guidance benchmark on the toy mixture, whose true density is known (spec section 6).
+
+Trains a class-conditional teacher with label dropout (configs/toy/teacher_cond.yaml), a weak
+teacher of the same task (teacher_weak.yaml), and two guided AYF-EMD students
+(distill_autoguidance.yaml, distill_cfg.yaml). Then, from the same noise and class labels,
+draws 4-step student samples at lam = 1 (no guidance), 2 and 3, with the guided teacher's
+Euler-64 ODE beside them, and reports:
+  - the mean true log-density log p(x) and the class-conditional log p(x | c) (precision);
+  - the share of each mode's mass recovered (recall; ayf.metrics.toy.mode_recall).
+Prints a markdown table and writes <out>/guidance.md, guidance.json and guidance.png.
+
+    python benchmarks/guidance.py                    # train everything, then evaluate
+    python benchmarks/guidance.py --eval_only        # re-evaluate existing checkpoints
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+import torch
+
+from ayf.cli import main as ayf_main
+from ayf.math.guidance import guided_velocity
+from ayf.math.samplers import sample_euler, sample_flow_map
+from ayf.math.times import time_grid
+from ayf.metrics.toy import class_oracles, format_table, load_classes, load_mixture, mode_recall
+from ayf.nn.flow_map import NULL_LABEL
+from ayf.nn.io import load_network
+
+DATA = "configs/toy/data.yaml"
+
+
+def fit(config, out, name, max_steps, extra=()):
+    root = os.path.join(out, "runs")
+    args = ["fit", "--config", f"configs/toy/{config}.yaml", "--trainer.default_root_dir", root,
+            "--trainer.logger.init_args.save_dir", root, "--trainer.logger.init_args.name", name,
+            "--trainer.enable_progress_bar", "false", *extra]
+    if max_steps:
+        args += ["--trainer.max_steps", str(max_steps)]
+    start = time.time()
+    if ayf_main(args) != 0:
+        raise SystemExit(f"training {name} failed")
+    print(f"{name}: {time.time() - start:.0f} s")
+
+
+def last_ckpt(out, name):
+    paths = sorted(glob.glob(os.path.join(out, "runs", name, "version_*", "checkpoints", "last.ckpt")), key=os.path.getmtime)
+    if not paths:
+        raise SystemExit(f"no checkpoint for {name} under {out}/runs; run without --eval_only first")
+    return paths[-1]
+
+
+def train(out, steps):
+    fit("teacher_cond", out, "teacher_cond", steps["teacher"])
+    fit("teacher_weak", out, "teacher_weak", steps["weak"])
+    strong, weak = last_ckpt(out, "teacher_cond"), last_ckpt(out, "teacher_weak")
+    fit("distill_autoguidance", out, "distill_autoguidance", steps["student"],
+        ["--model.teacher.init_args.teacher.init_args.ckpt_path", strong,
+         "--model.teacher.init_args.weak.init_args.ckpt_path", weak])
+    fit("distill_cfg", out, "distill_cfg", steps["student"],
+        ["--model.teacher.init_args.teacher.init_args.ckpt_path", strong])
+
+
+def score(oracle, per_class, samples, label) -> dict:
+    x = samples.double()
+    cond = torch.empty(len(x), dtype=torch.float64)
+    for c, sub in enumerate(per_class):
+        mask = label == c
+        cond[mask] = sub.log_prob(x[mask])
+    recall = mode_recall(oracle, x)
+    return {"log_p": oracle.log_prob(x).mean().item(), "log_p_class": cond.mean().item(),
+            "recall_min": recall.min().item(), "recall_mean": recall.mean().item(),
+            "recall_per_mode": " ".join(f"{r:.2f}" for r in recall.tolist())}
+
+
+@torch.no_grad()
+def evaluate(out, n=8000, seed=7, lams=(1.0, 2.0, 3.0)):
+    oracle = load_mixture(DATA)
+    classes = torch.as_tensor(load_classes(DATA))
+    per_class = class_oracles(oracle, classes)
+    gen = torch.Generator().manual_seed(seed)
+    data, comp = oracle.sample(n, generator=gen, return_labels=True)
+    label = classes[comp]  # class labels drawn with the data's class prior
+    noise = torch.randn(n, 2, generator=gen)
+    rows = [dict(samples="data", lam="", **score(oracle, per_class, data, label))]
+    panels = {"data": data}
+    strong, _ = load_network(last_ckpt(out, "teacher_cond"))
+    weak, _ = load_network(last_ckpt(out, "teacher_weak"))
+    uncond = torch.full_like(label, NULL_LABEL)
+    teachers = {
+        "autoguidance": lambda x, t, lam: guided_velocity(strong.velocity(x, t, label=label), weak.velocity(x, t, label=label), lam),
+        "cfg": lambda x, t, lam: guided_velocity(strong.velocity(x, t, label=label), strong.velocity(x, t, label=uncond), lam),
+    }
+    grid64, grid4 = time_grid(64), time_grid(4)
+    for kind in ("autoguidance", "cfg"):
+        student, _ = load_network(last_ckpt(out, f"distill_{kind}"))
+        for lam in lams:
+            v = teachers[kind]
+            teacher_x = sample_euler(lambda x, t, lam=lam, v=v: v(x, t, lam), noise, grid64)
+            rows.append(dict(samples=f"{kind} teacher, Euler 64", lam=lam, **score(oracle, per_class, teacher_x, label)))
+            lam_t = torch.full((n,), lam)
+            F_fn = lambda x, t, s, lam_t=lam_t, net=student: net(x, t, s, label=label, guidance=lam_t)  # noqa: E731
+            x4 = sample_flow_map(F_fn, noise, grid4)
+            rows.append(dict(samples=f"{kind} student, 4 steps", lam=lam, **score(oracle, per_class, x4, label)))
+            if lam != 1.0:
+                panels[f"{kind}, 4 steps, lam {lam:g}"] = x4
+            else:
+                panels.setdefault("no guidance (lam 1), 4 steps", x4)
+    return rows, panels
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out/guidance")
+    p.add_argument("--teacher_steps", type=int, default=4000)
+    p.add_argument("--weak_steps", type=int, default=0, help="0: the config's (500)")
+    p.add_argument("--student_steps", type=int, default=4000)
+    p.add_argument("--num_samples", type=int, default=8000)
+    p.add_argument("--eval_only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.eval_only:
+        train(args.out, {"teacher": args.teacher_steps, "weak": args.weak_steps, "student": args.student_steps})
+    rows, panels = evaluate(args.out, args.num_samples)
+    cols = ["samples", "lam", "log_p", "log_p_class", "recall_min", "recall_mean", "recall_per_mode"]
+    table = format_table(rows, cols, "{:.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "guidance.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(args.out, "guidance.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    from ayf.callbacks.plots import scatter_figure
+
+    fig = scatter_figure(panels, "toy mixture: 4-step guided flow maps", lim=3.5)
+    fig.savefig(os.path.join(args.out, "guidance.png"), dpi=120)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
