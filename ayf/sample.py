@@ -10,7 +10,7 @@ import torch
 from ayf.errors import ConfigError
 from ayf.math.samplers import ODE_SOLVERS, sample_flow_map
 from ayf.math.times import check_grid, time_grid
-from ayf.nn.io import load_network
+from ayf.nn.io import FLOW_MAP_KINDS, load_network
 
 SOLVERS = ("flow_map", *ODE_SOLVERS)
 
@@ -18,7 +18,7 @@ SOLVERS = ("flow_map", *ODE_SOLVERS)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ayf sample",
-        description="Draw samples from an ayf checkpoint. A FlowMapDistillation checkpoint samples "
+        description="Draw samples from an ayf checkpoint. A flow-map checkpoint (FlowMapDistillation, AdversarialFinetuning) samples "
         "with the flow map (gamma-sampling optional); a FlowMatching (teacher) checkpoint needs "
         "--solver euler or heun.",
     )
@@ -67,9 +67,9 @@ def main(argv) -> int:
         grid = check_grid([float(v) for v in args.grid.split(",")]) if args.grid else time_grid(1 if args.steps is None else args.steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    net, meta = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=("FlowMapDistillation", "FlowMatching"))
+    net, meta = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, "FlowMatching"))
     kind = meta["kind"]
-    solver = args.solver or ("flow_map" if kind == "FlowMapDistillation" else None)
+    solver = args.solver or ("flow_map" if kind in FLOW_MAP_KINDS else None)
     if solver is None:
         raise ConfigError(f"{args.ckpt_path} is a FlowMatching (teacher) checkpoint: pass --solver euler or heun")
     if solver == "flow_map" and not net.is_flow_map:

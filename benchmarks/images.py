@@ -4,6 +4,7 @@ classifier-feature space of `ayf features fit` (FD, KID, precision, recall again
     python benchmarks/images.py --dataset digits                 # CPU, about an hour
     python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
     python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
+    python benchmarks/images.py --dataset digits --adversarial   # + adversarial finetuning (issue 4)
 
 Steps (each skipped when its output exists): shards (data/<dataset>), the feature extractor
 (data/<dataset>/features.pt), the teacher (configs/<dataset>/teacher.yaml), its evaluation at
@@ -11,6 +12,11 @@ Steps (each skipped when its output exists): shards (data/<dataset>), the featur
 evaluation at 1/2/4/8 steps. Runs go to --out; the table goes to <out>/results.md.
 Targets (issue 3): 4-step FD within 10% of the teacher's best, 1-step within 50%, and no
 degradation from 4 to 8 steps.
+
+With --adversarial, the student is then finetuned (configs/<dataset>/adversarial.yaml, extra
+overrides in --adv_args, run name --adv_name) and evaluated the same way; the before/after table
+goes to <out>/<adv_name>.md. Target (issue 4): 1-step FD at least 25% lower, recall down by less
+than 0.05.
 """
 from __future__ import annotations
 
@@ -58,11 +64,30 @@ def fit_and_test(config, out, name, extra=()):
     return ckpt, json.load(open(result))
 
 
+def adversarial_report(dataset, before, after, name):
+    lines = [f"{dataset}: adversarial finetuning ({name}); {after['num_samples']} samples vs "
+             f"{after['reference_count']} training images; features {after['extractor']}", "",
+             "| steps | FD before | FD after | change | recall before | recall after | precision before | precision after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(after["results"], key=lambda k: int(k.split("_")[-1])):
+        b, a = before["results"][key], after["results"][key]
+        lines.append(f"| {key.split('_')[-1]} | {b['fd']:.4g} | {a['fd']:.4g} | {a['fd'] / b['fd'] - 1:+.1%} | "
+                     f"{b['recall']:.3f} | {a['recall']:.3f} | {b['precision']:.3f} | {a['precision']:.3f} |")
+    b1, a1 = before["results"]["flow_map_1"], after["results"]["flow_map_1"]
+    ok = a1["fd"] <= 0.75 * b1["fd"] and b1["recall"] - a1["recall"] < 0.05
+    lines += ["", f"- {'PASS' if ok else 'MISS'}: 1-step FD -25% or better with recall down < 0.05 "
+              f"(FD {a1['fd'] / b1['fd'] - 1:+.1%}, recall {a1['recall'] - b1['recall']:+.3f})"]
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["digits", "fashion_mnist"], default="digits")
     p.add_argument("--out", default=None, help="run folder (default bench_out/<dataset>)")
     p.add_argument("--eval_only", action="store_true", help="fail instead of training when a checkpoint is missing")
+    p.add_argument("--adversarial", action="store_true", help="also finetune the student adversarially and compare")
+    p.add_argument("--adv_name", default="adversarial", help="run name of the adversarial stage")
+    p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string")
     args = p.parse_args()
     out = args.out or os.path.join(ROOT, "bench_out", args.dataset)
     data = os.path.join(ROOT, "data", args.dataset)
@@ -74,8 +99,16 @@ def main():
         run("features", "fit", "--train", f"{data}/train", "--val", f"{data}/val", "--output", f"{data}/features.pt",
             "--epochs", "60")
     teacher_ckpt, teacher = fit_and_test(os.path.join(cfg, "teacher.yaml"), out, "teacher")
-    _, student = fit_and_test(os.path.join(cfg, "distill_emd.yaml"), out, "distill_emd",
-                              ["--model.teacher.init_args.ckpt_path", teacher_ckpt])
+    student_ckpt, student = fit_and_test(os.path.join(cfg, "distill_emd.yaml"), out, "distill_emd",
+                                         ["--model.teacher.init_args.ckpt_path", teacher_ckpt])
+    if args.adversarial:
+        _, adv = fit_and_test(os.path.join(cfg, "adversarial.yaml"), out, args.adv_name,
+                              ["--model.distilled_ckpt", student_ckpt, "--model.teacher.init_args.ckpt_path", teacher_ckpt,
+                               "--trainer.logger.init_args.name", args.adv_name, *args.adv_args.split()])
+        text = adversarial_report(args.dataset, student, adv, args.adv_name)
+        print(text)
+        with open(os.path.join(out, f"{args.adv_name}.md"), "w") as fh:
+            fh.write(text + "\n")
 
     rows = {f"teacher {k.replace('_', ' ')}": v for k, v in teacher["results"].items()}
     rows.update({f"flow map {k.split('_')[-1]}-step": v for k, v in student["results"].items()})

@@ -13,6 +13,9 @@ class EMA(L.Callback):
     optimiser step k. Validation, tests and plots run on the EMA weights; the EMA is saved in
     the checkpoint (the teacher is not) and restored on resume.
 
+    A task that starts from an earlier run's EMA (``pl_module.initial_ema``, e.g. adversarial
+    finetuning of a distilled flow map) continues that average at the full decay.
+
     Args:
         decay: the long-run decay.
     """
@@ -24,6 +27,7 @@ class EMA(L.Callback):
         self.ema = None
         self._pending = None
         self._backup = None
+        self.continued = False
 
     @property
     def state_key(self) -> str:
@@ -32,13 +36,17 @@ class EMA(L.Callback):
     def _ensure(self, pl_module):
         if self.ema is None:
             self.ema = copy.deepcopy(pl_module.net).requires_grad_(False).eval()
+            initial = getattr(pl_module, "initial_ema", None)
             if self._pending is not None:
                 self.ema.load_state_dict(self._pending)
                 self._pending = None
+            elif initial is not None:
+                self.ema.load_state_dict(initial)
+                self.continued = True
         return self.ema
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return self.decay if self.continued else min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -52,7 +60,7 @@ class EMA(L.Callback):
 
     def swap_in(self, pl_module):
         """Load the EMA weights into ``pl_module.net`` (the trained weights are kept aside)."""
-        if self.ema is None and self._pending is None:
+        if self.ema is None and self._pending is None and getattr(pl_module, "initial_ema", None) is None:
             return
         ema = self._ensure(pl_module)
         self._backup = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
@@ -82,9 +90,11 @@ class EMA(L.Callback):
             checkpoint["state_dict"].update({f"net.{k}": v for k, v in self._backup.items()})
 
     def state_dict(self):
-        return {"decay": self.decay, "ema": None if self.ema is None else copy.deepcopy(self.ema.state_dict())}
+        return {"decay": self.decay, "continued": self.continued,
+                "ema": None if self.ema is None else copy.deepcopy(self.ema.state_dict())}
 
     def load_state_dict(self, state_dict):
+        self.continued = bool(state_dict.get("continued", False))
         if state_dict.get("ema") is not None:
             if self.ema is not None:
                 self.ema.load_state_dict(state_dict["ema"])

@@ -22,6 +22,10 @@ def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool 
     return obj
 
 
+#: task kinds whose checkpoints hold a flow map (sampled with the flow-map sampler)
+FLOW_MAP_KINDS = ("FlowMapDistillation", "AdversarialFinetuning")
+
+
 def read_checkpoint(path: str) -> dict:
     """Loads a checkpoint written by ``ayf fit`` on CPU."""
     return load_ayf_file(path, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit")
@@ -52,7 +56,11 @@ def load_network(path: str, use_ema: bool = True, kinds=None):
 
     kinds: accepted task names (e.g. ``("FlowMapDistillation",)``); others raise CheckpointError.
     """
-    ckpt = read_checkpoint(path)
+    return network_from_checkpoint(read_checkpoint(path), path, use_ema, kinds)
+
+
+def network_from_checkpoint(ckpt: dict, path: str, use_ema: bool = True, kinds=None):
+    """:func:`load_network` on a checkpoint already read by :func:`read_checkpoint`."""
     meta = ckpt["ayf"]
     if kinds is not None and meta.get("kind") not in kinds:
         raise CheckpointError(

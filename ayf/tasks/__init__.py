@@ -1,6 +1,8 @@
-"""LightningModules: FlowMatching (teacher) and FlowMapDistillation (student)."""
+"""LightningModules: FlowMatching (teacher), FlowMapDistillation (student) and
+AdversarialFinetuning (the optional GAN stage after distillation)."""
+from ayf.tasks.adversarial import AdversarialFinetuning
 from ayf.tasks.base import AyfTask
 from ayf.tasks.distillation import FlowMapDistillation
 from ayf.tasks.flow_matching import FlowMatching
 
-__all__ = ["AyfTask", "FlowMatching", "FlowMapDistillation"]
+__all__ = ["AyfTask", "FlowMatching", "FlowMapDistillation", "AdversarialFinetuning"]

@@ -1,0 +1,199 @@
+"""AdversarialFinetuning: AYF-EMD plus a relativistic GAN loss on few-step samples (spec section 7)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from ayf.errors import ConfigError
+from ayf.math.losses import r1_penalty, rpgan_discriminator_loss, rpgan_generator_loss
+from ayf.math.samplers import sample_flow_map
+from ayf.math.times import TimePairSampler
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.io import FLOW_MAP_KINDS, ema_weights, network_from_checkpoint, read_checkpoint
+from ayf.nn.teachers import Teacher
+from ayf.tasks.distillation import FlowMapDistillation
+
+INIT_WEIGHTS = ("ema", "raw")
+
+
+def default_gan_optimizer(params):
+    return torch.optim.Adam(params, lr=2e-5, betas=(0.0, 0.99))
+
+
+class AdversarialFinetuning(FlowMapDistillation):
+    """Finetunes a distilled flow map with ``L_G = AYF-EMD + lambda_adv * RpGAN`` against a
+    discriminator trained with ``L_D = RpGAN + gamma / 2 (R1 + R2)`` (Sabour et al. 2025, sec. 4).
+
+    Each iteration makes one discriminator step, then one generator step (manual optimisation
+    with two optimisers). Lightning counts both optimiser steps in ``global_step``, so
+    ``trainer.max_steps`` (and step-based checkpoint / metric intervals) are twice the number of
+    iterations. Fakes are flow-map samples from noise with the real batch's labels, at a step
+    count cycling through ``fake_steps``. The student starts from the distilled checkpoint and
+    the EMA callback continues that run's EMA.
+
+    Args:
+        distilled_ckpt: checkpoint of the distilled flow map (FlowMapDistillation, or an earlier
+            AdversarialFinetuning run).
+        teacher: the frozen teacher of the EMD term (as in the distillation config).
+        discriminator: ayf.nn.ImageDiscriminator for images, ayf.nn.MLPDiscriminator for vectors.
+        net: the student network; default: rebuilt from the config recorded in distilled_ckpt.
+        init_weights: start the student from the checkpoint's ``ema`` weights (default) or its
+            ``raw`` trained weights.
+        lambda_adv: weight of the generator's RpGAN term.
+        r1_gamma: gamma of the R1 (real) and R2 (fake) gradient penalties, ``gamma / 2 (R1 + R2)``.
+        fake_steps: flow-map step counts of the fakes, used in turn (e.g. [1, 2, 4]).
+        objective: distillation objective of the regression term (``emd`` or ``lmd``).
+        weighting: per-example weight of the regression term (see FlowMapDistillation).
+        tangent_norm: constant c of the tangent normalisation.
+        time_sampler: (t, s) pair sampler of the regression term.
+        guidance_range: lam range for guided teachers (see FlowMapDistillation).
+        sample_guidance: lam of validation, plots and ``ayf test``.
+        optimizer: generator optimiser factory (default Adam, lr 2e-5, betas (0, 0.99)).
+        d_optimizer: discriminator optimiser factory (default as the generator's).
+    """
+
+    kind = "AdversarialFinetuning"
+
+    def __init__(
+        self,
+        distilled_ckpt: str,
+        teacher: Teacher,
+        discriminator: nn.Module,
+        net: Optional[FlowMap] = None,
+        init_weights: str = "ema",
+        lambda_adv: float = 0.1,
+        r1_gamma: float = 1.0,
+        fake_steps: List[int] = (1,),
+        objective: str = "emd",
+        weighting: str = "none",
+        tangent_norm: float = 0.1,
+        time_sampler: Optional[TimePairSampler] = None,
+        guidance_range: List[float] = (1.0, 3.0),
+        sample_guidance: Optional[float] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        d_optimizer: Optional[OptimizerCallable] = None,
+    ):
+        if init_weights not in INIT_WEIGHTS:
+            raise ConfigError(f"unknown init_weights {init_weights!r}; choose one of {', '.join(INIT_WEIGHTS)}")
+        if objective == "consistency":
+            raise ConfigError("adversarial finetuning needs a flow-map objective (emd or lmd)")
+        if lambda_adv < 0 or r1_gamma < 0 or not fake_steps or min(fake_steps) < 1:
+            raise ConfigError("lambda_adv and r1_gamma must be >= 0 and fake_steps a list of step counts >= 1")
+        ckpt = read_checkpoint(distilled_ckpt)
+        loaded, meta = network_from_checkpoint(ckpt, distilled_ckpt, use_ema=init_weights == "ema", kinds=FLOW_MAP_KINDS)
+        if net is None:
+            net = loaded
+        else:
+            try:
+                net.load_state_dict(loaded.state_dict())
+            except RuntimeError as err:
+                raise ConfigError(f"the net does not match {distilled_ckpt}: {str(err).splitlines()[0]}") from None
+        super().__init__(net.train(), teacher, objective=objective, weighting=weighting, tangent_norm=tangent_norm,
+                         time_sampler=time_sampler, init_from_teacher=False, optimizer=optimizer or default_gan_optimizer,
+                         guidance_range=guidance_range, sample_guidance=sample_guidance)
+        self.automatic_optimization = False
+        self.net_config = meta["net"]
+        self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
+        self.discriminator = discriminator
+        self._d_optimizer = d_optimizer or default_gan_optimizer
+        self.fake_steps = [int(k) for k in fake_steps]
+        self.check_discriminator()
+
+    def check_discriminator(self):
+        d_classes = getattr(self.discriminator, "num_classes", 0)
+        if d_classes and d_classes != self.net.num_classes:
+            raise ConfigError(f"the discriminator has {d_classes} classes but the flow map has {self.net.num_classes}")
+        d_shape = getattr(self.discriminator, "data_shape", None)
+        if d_shape is not None and tuple(d_shape) != tuple(self.net.data_shape):
+            raise ConfigError(f"discriminator data shape {tuple(d_shape)} and flow map data shape "
+                              f"{tuple(self.net.data_shape)} disagree")
+
+    def configure_optimizers(self):
+        return [self._optimizer(list(self.trainable_parameters())),
+                self._d_optimizer(list(self.discriminator.parameters()))]
+
+    # --- the two losses ---------------------------------------------------------------------
+    def fakes(self, x0, label, steps: int, lam=None):
+        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled)."""
+        F_fn = lambda x, t, s: self.net(x, t, s, label=label, guidance=lam)  # noqa: E731
+        return sample_flow_map(F_fn, torch.randn_like(x0), self.grid(steps, x0))
+
+    def _lam(self, x0):
+        if self.guidance_range is None:
+            return None
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+
+    def _d(self, x, label):
+        return self.discriminator(x, label if getattr(self.discriminator, "num_classes", 0) else None)
+
+    def discriminator_loss(self, x0, label, steps: int):
+        """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph."""
+        with torch.no_grad():
+            fake = self.fakes(x0, label, steps, self._lam(x0))
+        real = x0.detach().requires_grad_(True)
+        fake = fake.detach().requires_grad_(True)
+        d_real, d_fake = self._d(real, label), self._d(fake, label)
+        loss = rpgan_discriminator_loss(d_real, d_fake).mean()
+        stats = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
+        if self.hparams.r1_gamma > 0:
+            r1, r2 = r1_penalty(d_real, real).mean(), r1_penalty(d_fake, fake).mean()
+            loss = loss + self.hparams.r1_gamma / 2 * (r1 + r2)
+            stats.update(r1=r1.detach(), r2=r2.detach())
+        return loss, stats
+
+    def generator_loss(self, batch, steps: int):
+        """``mean EMD + lambda_adv * RpGAN_G`` and its parts."""
+        per, stats = self.losses(batch)
+        x0, label = self.split_batch(batch)
+        fake = self.fakes(x0, label, steps, self._lam(x0))
+        with torch.no_grad():
+            d_real = self._d(x0, label)
+        adv = rpgan_generator_loss(d_real, self._d(fake, label)).mean()
+        regression = per.mean()
+        return regression + self.hparams.lambda_adv * adv, {"regression": regression.detach(), "g_adv": adv.detach(), **stats}
+
+    # --- manual optimisation ----------------------------------------------------------------
+    def discriminator_step(self, batch, steps: int = 1):
+        """One discriminator update; the generator's weights do not change."""
+        _, d_opt = self.optimizers()
+        x0, label = self.split_batch(batch)
+        with self.toggled_optimizer(d_opt):
+            loss, stats = self.discriminator_loss(x0, label, steps)
+            self.check_finite(loss, "discriminator loss")
+            d_opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            d_opt.step()
+        return loss.detach(), stats
+
+    def generator_step(self, batch, steps: int = 1):
+        """One generator (flow map) update; the discriminator's weights do not change."""
+        g_opt, _ = self.optimizers()
+        with self.toggled_optimizer(g_opt):
+            loss, stats = self.generator_loss(batch, steps)
+            self.check_finite(loss, "generator loss")
+            g_opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            g_opt.step()
+        return loss.detach(), stats
+
+    def training_step(self, batch, batch_idx):
+        iteration = self.global_step // 2
+        steps = self.fake_steps[iteration % len(self.fake_steps)]
+        d_loss, d_stats = self.discriminator_step(batch, steps)
+        g_loss, g_stats = self.generator_step(batch, steps)
+        self.log("train/loss", g_stats["regression"], prog_bar=True)
+        self.log("train/g_adv", g_stats["g_adv"], prog_bar=True)
+        self.log("train/d_loss", d_loss, prog_bar=True)
+        self.log("train/tangent_norm", g_stats["tangent_norm"])
+        for name, value in d_stats.items():
+            self.log(f"train/{name}", value)
+        self.log("train/iteration", float(iteration))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ayf"]["net"] = self.net_config
