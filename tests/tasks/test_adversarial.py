@@ -1,7 +1,5 @@
 """AdversarialFinetuning: separate generator / discriminator steps, resume, EMA continuation."""
 import copy
-import glob
-import os
 
 import lightning as L
 import pytest
@@ -9,29 +7,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ayf.callbacks import EMA
-from ayf.cli import main
 from ayf.data import GaussianMixture
 from ayf.errors import AyfError, ConfigError
 from ayf.nn import MixtureTeacher, MLPDiscriminator
 from ayf.nn.discriminator import ImageDiscriminator, minibatch_std
 from ayf.nn.io import read_checkpoint
 from ayf.tasks import AdversarialFinetuning
+from tests.toy_runs import SMALL_NET, fit_toy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.3, 0.3], "weights": [0.5, 0.5]}
-SMALL_NET = ["--model.net.init_args.backbone.init_args.width", "16", "--model.net.init_args.backbone.init_args.depth", "1"]
-
-
-def fit_toy(tmp, config, name, steps, extra=()):
-    args = ["fit", "--config", os.path.join(ROOT, "configs", "toy", f"{config}.yaml"),
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-            "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--data.init_args.batch_size", "32",
-            "--data.init_args.train_samples", "256", "--data.init_args.val_samples", "64", *extra]
-    assert main(args) == 0
-    (path,) = glob.glob(str(tmp / name / "version_*" / "checkpoints" / "last.ckpt"))
-    return path
 
 
 @pytest.fixture(scope="module")
