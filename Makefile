@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ayf-installed
 DEMO    ?= demo_out
 
-.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput digits-data fashion-data clean
+.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial digits-data fashion-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -53,6 +53,12 @@ bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD /
 
 bench-throughput: install  ## U-Net training and sampling images/s (CPU, or the GPU when present)
 	$(BIN)/python benchmarks/throughput.py
+
+bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log-density, per-mode recall; CPU, ~15 min)
+	$(BIN)/python benchmarks/guidance.py
+
+bench-adversarial: digits-data  ## digits: 1/2/4/8-step FD and recall before and after adversarial finetuning (CPU)
+	$(BIN)/python benchmarks/images.py --dataset digits --adversarial
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf $(DEMO) bench_out lightning_logs

@@ -11,6 +11,9 @@ Prints a markdown table and writes <out>/guidance.md, guidance.json and guidance
 
     python benchmarks/guidance.py                    # train everything, then evaluate
     python benchmarks/guidance.py --eval_only        # re-evaluate existing checkpoints
+    python benchmarks/guidance.py --eval_only --weak_ckpts \
+      "bench_out/guidance/runs/teacher_cond/version_0/checkpoints/epoch=3-step=500.ckpt"
+                                                     # + the autoguided teacher with other weak models
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def score(oracle, per_class, samples, label) -> dict:
 
 
 @torch.no_grad()
-def evaluate(out, n=8000, seed=7, lams=(1.0, 2.0, 3.0)):
+def evaluate(out, n=8000, seed=7, lams=(1.0, 2.0, 3.0), weak_ckpts=()):
     oracle = load_mixture(DATA)
     classes = torch.as_tensor(load_classes(DATA))
     per_class = class_oracles(oracle, classes)
@@ -109,6 +112,12 @@ def evaluate(out, n=8000, seed=7, lams=(1.0, 2.0, 3.0)):
                 panels[f"{kind}, 4 steps, lam {lam:g}"] = x4
             else:
                 panels.setdefault("no guidance (lam 1), 4 steps", x4)
+    for path in weak_ckpts:  # the autoguided teacher with other weak models
+        other, _ = load_network(path)
+        for lam in lams[1:]:
+            v = lambda x, t, lam=lam, w=other: guided_velocity(strong.velocity(x, t, label=label), w.velocity(x, t, label=label), lam)  # noqa: E731
+            rows.append(dict(samples=f"teacher autoguided by {os.path.basename(path)}, Euler 64", lam=lam,
+                             **score(oracle, per_class, sample_euler(v, noise, grid64), label)))
     return rows, panels
 
 
@@ -120,10 +129,11 @@ def main(argv=None) -> int:
     p.add_argument("--student_steps", type=int, default=4000)
     p.add_argument("--num_samples", type=int, default=8000)
     p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--weak_ckpts", nargs="*", default=(), help="other weak FlowMatching checkpoints to guide the teacher with")
     args = p.parse_args(argv)
     if not args.eval_only:
         train(args.out, {"teacher": args.teacher_steps, "weak": args.weak_steps, "student": args.student_steps})
-    rows, panels = evaluate(args.out, args.num_samples)
+    rows, panels = evaluate(args.out, args.num_samples, weak_ckpts=args.weak_ckpts)
     cols = ["samples", "lam", "log_p", "log_p_class", "recall_min", "recall_mean", "recall_per_mode"]
     table = format_table(rows, cols, "{:.3f}")
     os.makedirs(args.out, exist_ok=True)

@@ -130,6 +130,7 @@ class FidelityMetrics(L.Callback):
             trainer.logger.log_metrics(
                 {f"fidelity/{name}/{m}": v for name, res in results.items() for m, v in res.items()}, step=step)
         record = {"step": step, "checkpoint": trainer.ckpt_path, "extractor": self.extractor.name,
+                  "guidance": getattr(trainer.lightning_module, "sample_guidance", None),
                   "num_samples": self.num_samples, "reference_count": len(self._real[0]), "results": results}
         log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)

@@ -1,4 +1,5 @@
 """Guidance distillation and adversarial finetuning through the real CLI on tiny toy runs."""
+import glob
 import json
 
 import numpy as np
@@ -61,8 +62,11 @@ def test_guidance_given_to_an_unguided_model_is_a_one_line_error(teachers, capsy
 
 def test_adversarial_stage_through_the_cli(tmp_path, capsys):
     distilled = fit_toy(tmp_path, "distill_emd", "distill_emd", 3, SMALL_NET)
+    # 4 optimiser steps = 2 iterations; validation (with its sample plot) after each iteration
     adv = fit_toy(tmp_path, "adversarial", "adversarial", 4, ["--model.distilled_ckpt", distilled,
-                                                               "--model.discriminator.init_args.width", "16"])
+                                                               "--model.discriminator.init_args.width", "16",
+                                                               "--trainer.val_check_interval", "1"])
+    assert len(glob.glob(str(tmp_path / "adversarial" / "version_0" / "samples" / "step_*.png"))) == 2
     net, meta = load_network(adv)
     assert meta["kind"] == "AdversarialFinetuning" and net.is_flow_map
     assert main(["sample", "--ckpt_path", adv, "--steps", "1", "--num_samples", "8", "--output", str(tmp_path / "a.npy")]) == 0
