@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import time
 
@@ -29,7 +28,7 @@ from ayf.cli import main as ayf_main
 from ayf.math.guidance import guided_velocity
 from ayf.math.samplers import sample_euler, sample_flow_map
 from ayf.math.times import time_grid
-from ayf.metrics.toy import class_oracles, format_table, load_classes, load_mixture, mode_recall
+from ayf.metrics.toy import class_oracles, load_classes, load_mixture, mode_recall, write_report
 from ayf.nn.flow_map import NULL_LABEL
 from ayf.nn.io import load_network
 
@@ -134,18 +133,9 @@ def main(argv=None) -> int:
     if not args.eval_only:
         train(args.out, {"teacher": args.teacher_steps, "weak": args.weak_steps, "student": args.student_steps})
     rows, panels = evaluate(args.out, args.num_samples, weak_ckpts=args.weak_ckpts)
-    cols = ["samples", "lam", "log_p", "log_p_class", "recall_min", "recall_mean", "recall_per_mode"]
-    table = format_table(rows, cols, "{:.3f}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "guidance.md"), "w") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(args.out, "guidance.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
-    from ayf.callbacks.plots import scatter_figure
-
-    fig = scatter_figure(panels, "toy mixture: 4-step guided flow maps", lim=3.5)
-    fig.savefig(os.path.join(args.out, "guidance.png"), dpi=120)
-    print(table)
+    write_report(args.out, "guidance", rows, ["samples", "lam", "log_p", "log_p_class", "recall_min", "recall_mean",
+                                              "recall_per_mode"], panels, "toy mixture: 4-step guided flow maps",
+                 floatfmt="{:.3f}")
     return 0
 
 

@@ -87,15 +87,33 @@ def format_table(rows, columns, floatfmt="{:.4f}") -> str:
     return "\n".join([head, sep, *body])
 
 
-def main(argv=None) -> int:
-    """``python -m ayf.metrics.toy``: score sample files against the toy mixture's exact density."""
-    import argparse
+def write_report(out, name, rows, columns, panels, title, figure=None, floatfmt="{:.4f}") -> str:
+    """Writes ``<out>/<name>.md`` (table), ``<name>.json`` (rows) and a scatter figure of the
+    panels (``figure``, default ``<name>.png``); prints and returns the table."""
     import json
     import os
 
+    from ayf.callbacks.plots import scatter_figure
+
+    table = format_table(rows, columns, floatfmt)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    path = os.path.join(out, figure or f"{name}.png")
+    scatter_figure(panels, title, lim=3.5).savefig(path, dpi=120)
+    print(table)
+    print(f"figure: {path}")
+    return table
+
+
+def main(argv=None) -> int:
+    """``python -m ayf.metrics.toy``: score sample files against the toy mixture's exact density."""
+    import argparse
+
     import numpy as np
 
-    from ayf.callbacks.plots import scatter_figure
 
     p = argparse.ArgumentParser(prog="python -m ayf.metrics.toy", description="Score .npy samples on the toy mixture: "
                                 "distance to the exact ODE solution from the same noise, mean true log-density, MMD.")
@@ -116,16 +134,8 @@ def main(argv=None) -> int:
         x = torch.from_numpy(np.load(path)).double()
         rows.append(dict(samples=name, **fidelity_row(oracle, x, exact, reference)))
         panels[name] = x
-    table = format_table(rows, ["samples", "median_dist", "rms_dist", "mean_logp", "mmd"])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.md"), "w") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
-    fig = scatter_figure(panels, "toy mixture: data and flow-map samples", lim=3.5)
-    fig.savefig(os.path.join(args.out, "samples.png"), dpi=120)
-    print(table)
-    print(f"figure: {os.path.join(args.out, 'samples.png')}")
+    write_report(args.out, "metrics", rows, ["samples", "median_dist", "rms_dist", "mean_logp", "mmd"], panels,
+                 "toy mixture: data and flow-map samples", figure="samples.png")
     return 0
 
 
