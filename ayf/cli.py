@@ -20,7 +20,8 @@ subcommands:
 `ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.
 Tasks: ayf.tasks.FlowMatching, ayf.tasks.FlowMapDistillation (guided with ayf.nn.GuidedTeacher),
 ayf.tasks.AdversarialFinetuning; `--guidance LAM` sets the guidance scale used for sampling.
-Data: ayf.data.GaussianMixture (toy), ayf.data.ImageShards (WebDataset shards written by `ayf shards`). Configs: configs/{toy,digits,fashion_mnist}.
+Data: ayf.data.GaussianMixture (toy), ayf.data.ImageShards (WebDataset shards written by `ayf shards`).
+Configs: configs/{toy,digits,fashion_mnist}.
 `ayf test` with the ayf.callbacks.FidelityMetrics callback writes FD / KID / precision / recall to
 <log_dir>/fidelity.json.
 """

@@ -98,19 +98,15 @@ def main(argv) -> int:
             raise ConfigError(f"--label must be `all` or a class in 0..{net.num_classes - 1}, got {args.label}")
         else:
             labels = torch.full((len(noise),), int(args.label), dtype=torch.long)
-    if solver == "flow_map":
-        lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
+    lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
+    if net.is_flow_map:
         if lam is not None and not net.guidance:
             raise ConfigError(f"{args.ckpt_path} was not distilled with guidance: leave out --guidance")
-        velocity = None
-    else:
+        velocity = lambda a, t, c: net.velocity(a, t, label=c, guidance=lam)  # noqa: E731
+    else:  # a teacher: classifier-free guidance when asked
         from ayf.tasks.flow_matching import cfg_velocity
 
-        if not net.is_flow_map:
-            velocity = cfg_velocity(net, args.guidance, meta.get("label_dropout"))
-        else:
-            lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
-            velocity = lambda a, t, c, n=net: n.velocity(a, t, label=c, guidance=lam)  # noqa: E731
+        velocity = cfg_velocity(net, lam, meta.get("label_dropout"))
     png = args.output.lower().endswith(".png")
     if png and len(shape) != 3:
         raise ConfigError("a .png output needs image data (C, H, W); this model's data shape is " + str(shape))

@@ -121,19 +121,13 @@ class AdversarialFinetuning(FlowMapDistillation):
         F_fn = lambda x, t, s: self.net(x, t, s, label=label, guidance=lam)  # noqa: E731
         return sample_flow_map(F_fn, torch.randn_like(x0), self.grid(steps, x0))
 
-    def _draw_lam(self, x0):
-        if self.guidance_range is None:
-            return None
-        lo, hi = self.guidance_range
-        return lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
-
     def _d(self, x, label):
         return self.discriminator(x, label if getattr(self.discriminator, "num_classes", 0) else None)
 
     def discriminator_loss(self, x0, label, steps: int):
         """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph."""
         with torch.no_grad():
-            fake = self.fakes(x0, label, steps, self._draw_lam(x0))
+            fake = self.fakes(x0, label, steps, self.draw_guidance(x0))
         real = x0.detach().requires_grad_(True)
         fake = fake.detach().requires_grad_(True)
         d_real, d_fake = self._d(real, label), self._d(fake, label)
@@ -149,7 +143,7 @@ class AdversarialFinetuning(FlowMapDistillation):
         """``mean EMD + lambda_adv * RpGAN_G`` and its parts."""
         per, stats = self.losses(batch)
         x0, label = self.split_batch(batch)
-        fake = self.fakes(x0, label, steps, self._draw_lam(x0))
+        fake = self.fakes(x0, label, steps, self.draw_guidance(x0))
         with torch.no_grad():
             d_real = self._d(x0, label)
         adv = rpgan_generator_loss(d_real, self._d(fake, label)).mean()

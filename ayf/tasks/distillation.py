@@ -162,6 +162,14 @@ class FlowMapDistillation(AyfTask):
             per = adaptive_weighted_loss(per, self.adaptive(t, s))
         return per, g_norm
 
+    def draw_guidance(self, x0):
+        """Training guidance scales ``lam ~ U[guidance_range]`` per example ``(B,)``; None when
+        the teacher is not guided."""
+        if self.guidance_range is None:
+            return None
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+
     def losses(self, batch):
         """Per-example loss and tangent statistics for one batch."""
         x0, label = self.split_batch(batch)
@@ -169,11 +177,7 @@ class FlowMapDistillation(AyfTask):
         if self.hparams.objective == "consistency":
             s = torch.zeros_like(s)
         r = torch.tensor(float(self.tangent_r), device=x0.device, dtype=x0.dtype)
-        lam = None
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            lam = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
-        per, g_norm = self.per_example_loss(x0, torch.randn_like(x0), t, s, r, label, lam)
+        per, g_norm = self.per_example_loss(x0, torch.randn_like(x0), t, s, r, label, self.draw_guidance(x0))
         return per, {"tangent_norm": g_norm}
 
     def training_step(self, batch, batch_idx):
@@ -199,7 +203,8 @@ class FlowMapDistillation(AyfTask):
             raise ConfigError("this flow map was not distilled with guidance; leave out --guidance")
         self.sample_guidance = lam
 
-    def _lam(self, guidance, like):
+    def sampling_guidance(self, guidance, like):
+        """lam ``(B,)`` for sampling: ``guidance``, else :attr:`sample_guidance`; None without guidance."""
         lam = self.sample_guidance if guidance is None else guidance
         if lam is not None and not self.net.guidance:
             raise ConfigError("this flow map was not distilled with guidance; sample it without a guidance scale")
@@ -213,7 +218,7 @@ class FlowMapDistillation(AyfTask):
         if gamma is None:
             gamma = 1.0 if self.hparams.objective == "consistency" else 0.0
         grid = self.grid(steps, noise) if grid is None else grid
-        lam = self._lam(guidance, noise)
+        lam = self.sampling_guidance(guidance, noise)
         F_fn = lambda x, t, s: self.net(x, t, s, label=label, guidance=lam)  # noqa: E731
         return sample_flow_map(F_fn, noise, grid, gamma=gamma, generator=generator)
 
@@ -221,7 +226,7 @@ class FlowMapDistillation(AyfTask):
     def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler", guidance=None):
         """The teacher's own ODE samples from the same noise (the reference beside the student),
         guided at the student's sampling scale."""
-        lam = self._lam(guidance, noise) if self.teacher.guided else None
+        lam = self.sampling_guidance(guidance, noise) if self.teacher.guided else None
         return self.solve_ode(self.teacher_velocity(label, lam), noise, steps, solver)
 
     def on_save_checkpoint(self, checkpoint):

@@ -58,6 +58,10 @@ def test_guidance_given_to_an_unguided_model_is_a_one_line_error(teachers, capsy
     assert main(["sample", "--ckpt_path", student, "--guidance", "2", "--output", str(tmp / "x.npy")]) == 2
     err = capsys.readouterr().err
     assert "ayf: error:" in err and "not distilled with guidance" in err and "Traceback" not in err
+    assert main(["test", "--config", "configs/toy/distill_emd.yaml", "--ckpt_path", student, "--guidance", "2",
+                 "--trainer.default_root_dir", str(tmp), *SMALL_NET]) == 2
+    err = capsys.readouterr().err
+    assert "ayf: error:" in err and "not distilled with guidance" in err and "Traceback" not in err
 
 
 def test_adversarial_stage_through_the_cli(tmp_path, capsys):
