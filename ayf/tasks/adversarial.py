@@ -106,10 +106,11 @@ class AdversarialFinetuning(FlowMapDistillation):
         d_classes = getattr(self.discriminator, "num_classes", 0)
         if d_classes and d_classes != self.net.num_classes:
             raise ConfigError(f"the discriminator has {d_classes} classes but the flow map has {self.net.num_classes}")
-        d_shape = getattr(self.discriminator, "data_shape", None)
-        if d_shape is not None and tuple(d_shape) != tuple(self.net.data_shape):
-            raise ConfigError(f"discriminator data shape {tuple(d_shape)} and flow map data shape "
-                              f"{tuple(self.net.data_shape)} disagree")
+        self.check_shapes()
+
+    def known_shapes(self, datamodule=None) -> dict:
+        return {**super().known_shapes(datamodule),
+                "discriminator data shape": getattr(self.discriminator, "data_shape", None)}
 
     def configure_optimizers(self):
         return [self._optimizer(list(self.trainable_parameters())),
