@@ -4,5 +4,6 @@ from ayf.tasks.adversarial import AdversarialFinetuning
 from ayf.tasks.base import AyfTask
 from ayf.tasks.distillation import FlowMapDistillation
 from ayf.tasks.flow_matching import FlowMatching
+from ayf.tasks.schedules import WarmupStableDecay
 
-__all__ = ["AyfTask", "FlowMatching", "FlowMapDistillation", "AdversarialFinetuning"]
+__all__ = ["AyfTask", "FlowMatching", "FlowMapDistillation", "AdversarialFinetuning", "WarmupStableDecay"]
