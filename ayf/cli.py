@@ -78,7 +78,8 @@ def main(args=None) -> int:
     """Entry point of the ``ayf`` console script; returns the exit status."""
     from ayf.errors import AyfError
 
-    args = list(sys.argv[1:] if args is None else args)
+    from_argv = args is None
+    args = list(sys.argv[1:] if from_argv else args)
     if not args or args[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
@@ -91,7 +92,7 @@ def main(args=None) -> int:
             choices = ", ".join(SUBCOMMANDS + tuple(TOOLS))
             print(f"ayf: error: unknown subcommand {cmd!r}; choose one of {choices}", file=sys.stderr)
             return 2
-        _lightning_cli(args)
+        _lightning_cli(None if from_argv else args)  # None: LightningCLI reads sys.argv itself
         return 0
     except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by jsonargparse
         cause = _user_error(err, AyfError)

@@ -138,3 +138,15 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("ayf: error:")]
     assert "Traceback" not in err and len(errors) == 1
     assert "teacher data shape (3,) and data shape (2,) disagree" in errors[0]
+
+
+def test_console_run_parses_argv_without_lightning_warning():
+    """From the shell, LightningCLI reads sys.argv itself: no warning about args given twice."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ayf", "fit", "--config", os.path.join(ROOT, "configs", "toy", "teacher.yaml"),
+                           "--trainer.max_steps", "7", "--print_config"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["trainer"]["max_steps"] == 7
+    assert "args parameter" not in done.stderr, done.stderr
