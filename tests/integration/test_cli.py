@@ -1,5 +1,7 @@
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,9 +144,6 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
 
 def test_console_run_parses_argv_without_lightning_warning():
     """From the shell, LightningCLI reads sys.argv itself: no warning about args given twice."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "ayf", "fit", "--config", os.path.join(ROOT, "configs", "toy", "teacher.yaml"),
                            "--trainer.max_steps", "7", "--print_config"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
