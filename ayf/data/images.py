@@ -2,7 +2,9 @@
 
 Samples decode to ``{"x": float (C, H, W) in [-1, 1], "label": int64}`` (no label for unlabelled
 data). Training streams resampled shards (every worker and rank draws its own shard sequence)
-through a shuffle buffer, with a fixed epoch length; validation and test read each sample once,
+through a shuffle buffer, with a fixed epoch length. The training order is a function of the seed,
+the epoch, the rank and the worker, so a run repeats exactly (``seed=None``: random per run).
+Validation and test read each sample once,
 split over ranks (by shard) and then dataloader workers (by shard). A corrupt sample or shard is
 skipped, logged and counted, never fatal.
 """
@@ -118,26 +120,33 @@ def sample_pipeline(
     epoch_samples: Optional[int] = None,
     rank: int = 0,
     world_size: int = 1,
-    seed: int = 0,
+    seed: Optional[int] = 0,
     raw: bool = False,
     counter: Optional[SkipCounter] = None,
+    epoch: int = 0,
 ) -> wds.DataPipeline:
     """Iterable of decoded samples.
 
     Without resampling, shards are split over ranks, then over dataloader workers, so one pass
     yields every sample exactly once (a rank or worker without a shard yields nothing). With
     resampling, ``epoch_samples`` is the number of samples per rank per epoch, divided over the
-    dataloader workers."""
+    dataloader workers.
+
+    The shard draws and the shuffle are seeded by ``(seed, epoch, rank, worker)``: the same
+    arguments give the same order, and each epoch, rank and worker gets its own. ``seed=None``
+    draws fresh randomness instead."""
     handler = counter or SkipCounter()
+    info = torch.utils.data.get_worker_info()
+    worker = info.id if info is not None else 0
+    stream_seed = None if seed is None else wds.utils.make_seed(seed, epoch, rank, worker)
     if resampled:
-        # fresh randomness per epoch, worker and rank (the pipeline is rebuilt every epoch, so a
-        # deterministic seed would replay the same shard sequence each time)
-        stages = [wds.ResampledShards(source.urls, seed=seed + 7919 * rank, deterministic=False)]
+        stages = [wds.ResampledShards(source.urls, seed=stream_seed or 0, deterministic=seed is not None)]
     else:
         stages = [wds.SimpleShardList(source.urls), split_by_rank(rank, world_size), wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=handler))
     if shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        shuffle_seed = None if seed is None else wds.utils.make_seed(stream_seed, 1)
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=shuffle_seed))
     stages.append(wds.map(_decoder(source.shape, source.num_classes > 0, raw), handler=handler))
     pipe = wds.DataPipeline(*stages)
     if resampled:
@@ -155,18 +164,37 @@ def _per_worker(n: int) -> int:
 
 class _EpochSized(torch.utils.data.IterableDataset):
     """A pipeline built lazily inside each worker (so worker info is known), with a length in
-    samples (the epoch length, for progress bars and Lightning's epoch bookkeeping)."""
+    samples (the epoch length, for progress bars and Lightning's epoch bookkeeping).
+
+    ``build(epoch)`` makes one epoch's pipeline. ``epoch`` counts up by one per pass; the
+    loader sets it from the trainer before each pass (workers that persist keep counting)."""
 
     def __init__(self, build, length: Optional[int] = None):
-        self.build, self.length = build, length
+        self.build, self.length, self.epoch = build, length, 0
 
     def __iter__(self):
-        return iter(self.build())
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(self.build(epoch))
 
     def __len__(self):
         if self.length is None:
             raise TypeError("no length")
         return self.length
+
+
+class _EpochLoader(torch.utils.data.DataLoader):
+    """A DataLoader that tells its ``_EpochSized`` dataset which epoch starts (``epoch_fn``,
+    read in the main process), so a resumed run continues the same order."""
+
+    def __init__(self, dataset, *args, epoch_fn=None, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        if epoch is not None:
+            self.dataset.epoch = epoch
+        return super().__iter__()
 
 
 class ImageShards(L.LightningDataModule):
@@ -183,7 +211,9 @@ class ImageShards(L.LightningDataModule):
             False reads each training sample once per epoch instead.
         shuffle_buffer: size of the sample shuffle buffer for training (0 or 1: no shuffling).
         num_workers: dataloader worker processes.
-        seed: mixed into the shard resampling (training order is random per epoch and run).
+        seed: seeds the training order (shard draws and shuffle, per epoch, rank and worker), so
+            a run repeats exactly and a resumed run picks up the same order at its epoch;
+            null: a fresh random order every run.
     """
 
     def __init__(
@@ -196,7 +226,7 @@ class ImageShards(L.LightningDataModule):
         resampled: bool = True,
         shuffle_buffer: int = 2000,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: Optional[int] = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -230,17 +260,23 @@ class ImageShards(L.LightningDataModule):
     def _loader(self, source: ShardSource, train: bool):
         rank, world = self._rank()
         if train and self.resampled:
-            build = lambda: sample_pipeline(  # noqa: E731
-                source, True, self.shuffle_buffer, self.epoch_length, rank, world, self.seed, counter=self.skipped)
+            build = lambda epoch: sample_pipeline(  # noqa: E731
+                source, True, self.shuffle_buffer, self.epoch_length, rank, world, self.seed,
+                counter=self.skipped, epoch=epoch)
             length = self.epoch_length  # samples; DataLoader divides by the batch size
         else:
-            build = lambda: sample_pipeline(  # noqa: E731
-                source, False, self.shuffle_buffer if train else 0, rank=rank, world_size=world, counter=self.skipped)
+            build = lambda epoch: sample_pipeline(  # noqa: E731
+                source, False, self.shuffle_buffer if train else 0, rank=rank, world_size=world, seed=self.seed,
+                counter=self.skipped, epoch=epoch)
             length = None
-        return torch.utils.data.DataLoader(
+        return _EpochLoader(
             _EpochSized(build, length), batch_size=self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, epoch_fn=self._current_epoch if train else None,
         )
+
+    def _current_epoch(self) -> Optional[int]:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
 
     def train_dataloader(self):
         return self._loader(self.train_source, True)
