@@ -30,8 +30,12 @@ class FidelityMetrics(L.Callback):
     Args:
         extractor: feature extractor (ayf.metrics.ClassifierFeatures or ayf.metrics.InceptionFeatures).
         steps: step counts to evaluate (flow map: jumps; a flow-matching teacher: ODE steps).
-        solvers: for a flow-matching teacher, ODE solvers to evaluate (``euler``, ``heun``);
-            flow maps always use their own sampler.
+        solvers: ODE solvers (``euler``, ``heun``) of a flow-matching teacher, and of a
+            distilled flow map's teacher when ``teacher_steps`` is set; flow maps always use
+            their own sampler.
+        teacher_steps: for a flow map, also evaluate its teacher (guided at the student's
+            sampling scale, like the grids) at these ODE step counts with each of ``solvers``,
+            from the same noise, in ``ayf test`` only (rows ``teacher_<solver>_<steps>``).
         num_samples: generated images per setting.
         reference_count: real images to compare with (default: the whole training set).
         every_n_steps: evaluate every this many training steps during fit (0: only in test).
@@ -54,14 +58,16 @@ class FidelityMetrics(L.Callback):
         seed: int = 0,
         output: Optional[str] = None,
         kid_subset_size: int = 1000,
+        teacher_steps: List[int] = (),
     ):
-        if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(steps) < 1:
+        if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(list(steps) + list(teacher_steps)) < 1:
             raise ConfigError("FidelityMetrics needs num_samples >= 2, batch_size >= 1, every_n_steps >= 0 and steps >= 1")
         unknown = [s for s in solvers if s not in ODE_SOLVERS]
         if unknown:
             raise ConfigError(f"unknown teacher solver {unknown[0]!r} in FidelityMetrics; choose euler or heun")
         self.extractor = extractor
         self.steps, self.solvers = [int(k) for k in steps], list(solvers)
+        self.teacher_steps = [int(k) for k in teacher_steps]
         self.num_samples, self.reference_count = num_samples, reference_count
         self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
         self.output, self.kid_subset_size = output, kid_subset_size
@@ -97,25 +103,31 @@ class FidelityMetrics(L.Callback):
             label = ref_labels[torch.randint(len(ref_labels), (self.num_samples,), generator=gen)]
         return noise, label
 
-    def _settings(self, pl_module):
-        flow_map = getattr(pl_module.net, "is_flow_map", False)
-        return [("flow_map", k) for k in self.steps] if flow_map else [(s, k) for s in self.solvers for k in self.steps]
+    def _settings(self, pl_module, with_teacher: bool):
+        if not getattr(pl_module.net, "is_flow_map", False):
+            return [(s, k) for s in self.solvers for k in self.steps]
+        teacher = [(f"teacher_{s}", k) for s in self.solvers for k in self.teacher_steps] if with_teacher else []
+        return [("flow_map", k) for k in self.steps] + teacher
 
     def _generate(self, pl_module, solver, k, noise, label):
         out = []
         for i in range(0, len(noise), self.batch_size):
             x = noise[i: i + self.batch_size].to(pl_module.device)
             lab = None if label is None else label[i: i + self.batch_size].to(pl_module.device)
-            kw = {} if solver == "flow_map" else {"solver": solver}
-            out.append(to_uint8(pl_module.generate(x, k, label=lab, **kw)).cpu())
+            if solver.startswith("teacher_"):
+                y = pl_module.teacher_generate(x, k, label=lab, solver=solver[len("teacher_"):])
+            else:
+                y = pl_module.generate(x, k, label=lab, **({} if solver == "flow_map" else {"solver": solver}))
+            out.append(to_uint8(y).cpu())
         return torch.cat(out)
 
-    def evaluate(self, trainer, pl_module) -> dict:
-        """``{"<solver>_<steps>": metrics}`` for every setting."""
+    def evaluate(self, trainer, pl_module, with_teacher: bool = False) -> dict:
+        """``{"<solver>_<steps>": metrics}`` for every setting (with_teacher: and a flow map's
+        teacher at ``teacher_steps``)."""
         real, ref_labels = self._reference(trainer, pl_module)
         noise, label = self._inputs(pl_module, ref_labels)
         results = {}
-        settings = self._settings(pl_module)
+        settings = self._settings(pl_module, with_teacher)
         bar = tqdm(settings, desc="fidelity", unit="setting", disable=not trainer.is_global_zero, leave=False)
         with sampling_weights(trainer, pl_module):
             for solver, k in bar:
@@ -153,7 +165,7 @@ class FidelityMetrics(L.Callback):
 
     def on_test_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self._publish(trainer, self.evaluate(trainer, pl_module), periodic=False)
+            self._publish(trainer, self.evaluate(trainer, pl_module, with_teacher=True), periodic=False)
 
 
 def format_results(results: dict) -> str:

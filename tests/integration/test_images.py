@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import yaml
 
 from ayf.cli import main
@@ -24,7 +25,8 @@ def blobs(n=96, seed=0):
     return x, y
 
 
-def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fidelity=True, every_n_steps=0):
+def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fidelity=True, every_n_steps=0,
+                teacher_steps=None):
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "digits", name)))
     cfg["data"] = {"class_path": "ayf.data.ImageShards",
                    "init_args": {"train": str(tmp_path / "shards" / "train"), "val": str(tmp_path / "shards" / "val"),
@@ -41,6 +43,8 @@ def tiny_config(tmp_path, name, steps=3, teacher=None, fidelity_steps=None, fide
             cb["init_args"].update(num_samples=40, batch_size=20, kid_subset_size=20, every_n_steps=every_n_steps)
             if fidelity_steps:
                 cb["init_args"]["steps"] = fidelity_steps
+            if teacher_steps:
+                cb["init_args"].update(teacher_steps=teacher_steps, solvers=["euler", "heun"])
     model = cfg["model"]["init_args"]
     model["net"]["init_args"]["num_classes"] = 4
     model["net"]["init_args"]["backbone"]["init_args"] = dict(TINY_UNET)
@@ -73,11 +77,11 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     record = json.loads(open(only(str(tmp_path / "teacher" / "version_1" / "fidelity.json"))).read())
     assert set(record["results"]) == {"euler_2", "euler_4", "heun_2", "heun_4"}
 
-    student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt, every_n_steps=3)
+    student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt, every_n_steps=3, teacher_steps=[2, 4])
     assert main(["fit", "--config", student_cfg]) == 0
     student_ckpt = only(str(tmp_path / "distill_emd" / "version_0" / "checkpoints" / "last.ckpt"))
     periodic = [json.loads(line) for line in open(tmp_path / "distill_emd" / "version_0" / "fidelity.jsonl")]
-    assert [r["step"] for r in periodic] == [3] and "flow_map_4" in periodic[0]["results"]
+    assert [r["step"] for r in periodic] == [3] and set(periodic[0]["results"]) == {f"flow_map_{k}" for k in (1, 2, 4, 8)}
     grid = only(str(tmp_path / "distill_emd" / "version_0" / "grids" / "step_0000003.png"))
     assert os.path.getsize(grid) > 1000
     assert main(["test", "--config", student_cfg, "--ckpt_path", student_ckpt]) == 0
@@ -87,9 +91,14 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (4 * 9 + 1, 2 * 9 + 1)
+    teacher_record = record
     record = json.loads(open(only(str(tmp_path / "distill_emd" / "version_1" / "fidelity.json"))).read())
     assert record["num_samples"] == 40 and record["reference_count"] == 72
-    assert set(record["results"]) == {"flow_map_1", "flow_map_2", "flow_map_4", "flow_map_8"}
+    assert set(record["results"]) == {"flow_map_1", "flow_map_2", "flow_map_4", "flow_map_8", "teacher_euler_2",
+                                      "teacher_euler_4", "teacher_heun_2", "teacher_heun_4"}
+    # the teacher rows beside the student are the teacher's own `ayf test` (same noise, labels, weights)
+    for key, res in teacher_record["results"].items():
+        assert res["fd"] == pytest.approx(record["results"]["teacher_" + key]["fd"], rel=1e-4)
     for res in record["results"].values():
         assert set(res) == {"fd", "kid", "kid_std", "precision", "recall"}
         assert np.isfinite(res["fd"]) and res["fd"] > 0 and 0 <= res["precision"] <= 1
