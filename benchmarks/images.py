@@ -5,6 +5,7 @@ classifier-feature space of `ayf features fit` (FD, KID, precision, recall again
     python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
     python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
     python benchmarks/images.py --dataset digits --adversarial   # + adversarial finetuning (issue 4)
+    python benchmarks/images.py --dataset digits --guided 1.5,2  # + an autoguided student at lam 1.5 and 2
 
 Steps (each skipped when its output exists): shards (data/<dataset>), the feature extractor
 (data/<dataset>/features.pt), the teacher (configs/<dataset>/teacher.yaml), its evaluation at
@@ -17,6 +18,11 @@ With --adversarial, the student is then finetuned (configs/<dataset>/adversarial
 overrides in --adv_args, run name --adv_name) and evaluated the same way; the before/after table
 goes to <out>/<adv_name>.md. Target (issue 4): 1-step FD at least 25% lower, recall down by less
 than 0.05.
+
+With --guided, an autoguided student (configs/<dataset>/distill_autoguidance.yaml: lam ~ U[1, 3],
+the weak model from the config, under --out) is trained and tested at each lam, with its guided
+teacher at 8/16/32/64 Euler and Heun steps from the same noise; the table goes to <out>/guided.md
+and the targets are checked against the guided teacher's best at that lam.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import json
 import os
 import subprocess
 import sys
+
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -52,16 +60,58 @@ def shards(dataset, data):
             "--labels", f"{FASHION}/{prefix}-labels-idx1-ubyte.gz", "--pad", "2", "--output", f"{data}/{split}")
 
 
-def fit_and_test(config, out, name, extra=()):
+def fit_and_test(config, out, name, extra=(), test=True):
     common = ["--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out, *extra]
     ckpt = os.path.join(out, name, "version_0", "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):
         run("fit", "--config", config, *common)
+    if not test:
+        return ckpt, None
     result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
     if result is None:
         run("test", "--config", config, "--ckpt_path", ckpt, *common)
         result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
     return ckpt, json.load(open(result))
+
+
+WEAK_FIT = {  # how each dataset's autoguidance config says to train its weak model (when not a teacher checkpoint)
+    "fashion_mnist": ["--trainer.max_steps", "5000", "--model.net.init_args.backbone.init_args.channels", "32",
+                      "--trainer.logger.init_args.name", "teacher_weak"],
+}
+
+
+def guided(dataset, cfg, out, teacher_ckpt, lams):
+    """Train the autoguided student and test it at each lam; returns the Markdown report."""
+    config = os.path.join(cfg, "distill_autoguidance.yaml")
+    weak = yaml.safe_load(open(config))["model"]["init_args"]["teacher"]["init_args"]["weak"]["init_args"]["ckpt_path"]
+    weak = os.path.join(out, os.path.relpath(weak, os.path.join("runs", dataset)))
+    if not os.path.exists(weak):
+        run("fit", "--config", os.path.join(cfg, "teacher.yaml"), "--trainer.default_root_dir", out,
+            "--trainer.logger.init_args.save_dir", out, *WEAK_FIT[dataset])
+    extra = ["--model.teacher.init_args.teacher.init_args.ckpt_path", teacher_ckpt,
+             "--model.teacher.init_args.weak.init_args.ckpt_path", weak]
+    ckpt, _ = fit_and_test(config, out, "distill_autoguidance", extra, test=False)
+    lines = [f"{dataset}: autoguided student ({os.path.relpath(ckpt, out)}), weak model {os.path.relpath(weak, out)}"]
+    for lam in lams:
+        name = f"distill_autoguidance_lam{lam:g}"
+        res = newest(os.path.join(out, name, "version_*", "fidelity.json"))
+        if res is None:
+            run("test", "--config", config, "--ckpt_path", ckpt, "--guidance", f"{lam:g}", "--trainer.default_root_dir",
+                out, "--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", name, *extra)
+            res = newest(os.path.join(out, name, "version_*", "fidelity.json"))
+        results = json.load(open(res))["results"]
+        teacher = {k: v for k, v in results.items() if k.startswith("teacher_")}
+        student = {k: v for k, v in results.items() if k.startswith("flow_map_")}
+        best_name, best = min(((k, v["fd"]) for k, v in teacher.items()), key=lambda a: a[1])
+        lines += ["", f"lam = {lam:g}", "", "| sampler | FD | KID | precision | recall | FD / guided teacher best |",
+                  "|---|---|---|---|---|---|"]
+        for k, r in {**teacher, **student}.items():
+            label = k.replace("_", " ") + ("-step" if k in student else "")
+            lines.append(f"| {label} | {r['fd']:.4g} | {r['kid']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                         f"{r['fd'] / best:.2f} |")
+        lines += ["", f"guided teacher best: {best_name.replace('_', ' ')} (FD {best:.4g})"]
+        lines += quality_checks(student, best)
+    return "\n".join(lines)
 
 
 def adversarial_report(dataset, before, after, name):
@@ -88,6 +138,8 @@ def main():
     p.add_argument("--adversarial", action="store_true", help="also finetune the student adversarially and compare")
     p.add_argument("--adv_name", default="adversarial", help="run name of the adversarial stage")
     p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string")
+    p.add_argument("--guided", default="", help="comma-separated guidance scales: also train the autoguided student "
+                   "and test it (with its guided teacher) at each")
     args = p.parse_args()
     out = args.out or os.path.join(ROOT, "bench_out", args.dataset)
     data = os.path.join(ROOT, "data", args.dataset)
@@ -108,6 +160,12 @@ def main():
         text = adversarial_report(args.dataset, student, adv, args.adv_name)
         print(text)
         with open(os.path.join(out, f"{args.adv_name}.md"), "w") as fh:
+            fh.write(text + "\n")
+
+    if args.guided:
+        text = guided(args.dataset, cfg, out, teacher_ckpt, [float(v) for v in args.guided.split(",")])
+        print(text)
+        with open(os.path.join(out, "guided.md"), "w") as fh:
             fh.write(text + "\n")
 
     rows = {f"teacher {k.replace('_', ' ')}": v for k, v in teacher["results"].items()}
