@@ -60,18 +60,36 @@ def shards(dataset, data):
             "--labels", f"{FASHION}/{prefix}-labels-idx1-ubyte.gz", "--pad", "2", "--output", f"{data}/{split}")
 
 
-def fit_and_test(config, out, name, extra=(), test=True):
-    common = ["--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out, *extra]
+def fit_once(config, out, name, extra=()):
+    """``ayf fit`` unless ``<out>/<name>/version_0`` has a last checkpoint; returns its path."""
     ckpt = os.path.join(out, name, "version_0", "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):
-        run("fit", "--config", config, *common)
-    if not test:
-        return ckpt, None
+        run("fit", "--config", config, "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
+            *extra)
+    return ckpt
+
+
+def test_once(config, out, name, ckpt, extra=()):
+    """``ayf test`` of ``ckpt`` logged under ``<out>/<name>`` unless a fidelity.json is there; returns it."""
     result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
     if result is None:
-        run("test", "--config", config, "--ckpt_path", ckpt, *common)
+        run("test", "--config", config, "--ckpt_path", ckpt, "--trainer.default_root_dir", out,
+            "--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", name, *extra)
         result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
-    return ckpt, json.load(open(result))
+    return json.load(open(result))
+
+
+def fit_and_test(config, out, name, extra=()):
+    ckpt = fit_once(config, out, name, extra)
+    return ckpt, test_once(config, out, name, ckpt, extra)
+
+
+def table(rows, best, ratio="FD / teacher best"):
+    """Markdown rows ``{sampler: metrics}`` with FD as a multiple of ``best``."""
+    lines = [f"| sampler | FD | KID | precision | recall | {ratio} |", "|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['fd']:.4g} | {r['kid']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | {r['fd'] / best:.2f} |")
+    return lines
 
 
 WEAK_FIT = {  # how each dataset's autoguidance config says to train its weak model (when not a teacher checkpoint)
@@ -90,25 +108,16 @@ def guided(dataset, cfg, out, teacher_ckpt, lams):
             "--trainer.logger.init_args.save_dir", out, *WEAK_FIT[dataset])
     extra = ["--model.teacher.init_args.teacher.init_args.ckpt_path", teacher_ckpt,
              "--model.teacher.init_args.weak.init_args.ckpt_path", weak]
-    ckpt, _ = fit_and_test(config, out, "distill_autoguidance", extra, test=False)
+    ckpt = fit_once(config, out, "distill_autoguidance", extra)
     lines = [f"{dataset}: autoguided student ({os.path.relpath(ckpt, out)}), weak model {os.path.relpath(weak, out)}"]
     for lam in lams:
-        name = f"distill_autoguidance_lam{lam:g}"
-        res = newest(os.path.join(out, name, "version_*", "fidelity.json"))
-        if res is None:
-            run("test", "--config", config, "--ckpt_path", ckpt, "--guidance", f"{lam:g}", "--trainer.default_root_dir",
-                out, "--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", name, *extra)
-            res = newest(os.path.join(out, name, "version_*", "fidelity.json"))
-        results = json.load(open(res))["results"]
+        results = test_once(config, out, f"distill_autoguidance_lam{lam:g}", ckpt,
+                            [*extra, "--guidance", f"{lam:g}"])["results"]
         teacher = {k: v for k, v in results.items() if k.startswith("teacher_")}
         student = {k: v for k, v in results.items() if k.startswith("flow_map_")}
         best_name, best = min(((k, v["fd"]) for k, v in teacher.items()), key=lambda a: a[1])
-        lines += ["", f"lam = {lam:g}", "", "| sampler | FD | KID | precision | recall | FD / guided teacher best |",
-                  "|---|---|---|---|---|---|"]
-        for k, r in {**teacher, **student}.items():
-            label = k.replace("_", " ") + ("-step" if k in student else "")
-            lines.append(f"| {label} | {r['fd']:.4g} | {r['kid']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                         f"{r['fd'] / best:.2f} |")
+        rows = {k.replace("_", " ") + ("-step" if k in student else ""): r for k, r in {**teacher, **student}.items()}
+        lines += ["", f"lam = {lam:g}", ""] + table(rows, best, "FD / guided teacher best")
         lines += ["", f"guided teacher best: {best_name.replace('_', ' ')} (FD {best:.4g})"]
         lines += quality_checks(student, best)
     return "\n".join(lines)
@@ -176,10 +185,7 @@ def main():
         rows.update({f"{label} {k.split('_')[-1]}-step": v for k, v in results.items()})
     best_name, best = min(((n, r["fd"]) for n, r in rows.items() if n.startswith("teacher")), key=lambda a: a[1])
     lines = [f"{args.dataset}: {student['num_samples']} samples vs {student['reference_count']} training images; "
-             f"features {student['extractor']}", "",
-             "| sampler | FD | KID | precision | recall | FD / teacher best |", "|---|---|---|---|---|---|"]
-    for n, r in rows.items():
-        lines.append(f"| {n} | {r['fd']:.4g} | {r['kid']:.3g} | {r['precision']:.3f} | {r['recall']:.3f} | {r['fd'] / best:.2f} |")
+             f"features {student['extractor']}", ""] + table(rows, best)
     lines += ["", f"teacher best: {best_name} (FD {best:.4g})"]
     for label, results in students.items():
         lines += ["", f"{label}:"] + quality_checks(results, best)
