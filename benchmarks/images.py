@@ -79,6 +79,29 @@ def test_once(config, out, name, ckpt, extra=()):
     return json.load(open(result))
 
 
+def edited_config(config, out, edits):
+    """``config`` with its callbacks' init_args edited (``{"TangentWarmup.horizon": "1000"}``), written to
+    ``<out>/configs/``; ``config`` itself when there are no edits. Its ``data:`` file is kept by absolute path."""
+    if not edits:
+        return config
+    cfg = yaml.safe_load(open(config))
+    callbacks = cfg["trainer"].get("callbacks", [])
+    for key, value in edits.items():
+        cls, arg = key.rsplit(".", 1)
+        hits = [c for c in callbacks if c["class_path"].split(".")[-1] == cls]
+        for c in hits:
+            c.setdefault("init_args", {})[arg] = yaml.safe_load(value)
+        if not hits:
+            print(f"note: {os.path.basename(config)} has no {cls} callback; {key} left out", flush=True)
+    if isinstance(cfg.get("data"), str):
+        cfg["data"] = os.path.join(os.path.dirname(os.path.abspath(config)), cfg["data"])
+    path = os.path.join(out, "configs", os.path.basename(config))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False)
+    return path
+
+
 def fit_and_test(config, out, name, extra=()):
     ckpt = fit_once(config, out, name, extra)
     return ckpt, test_once(config, out, name, ckpt, extra)
@@ -147,23 +170,31 @@ def main():
     p.add_argument("--adversarial", action="store_true", help="also finetune the student adversarially and compare")
     p.add_argument("--adv_name", default="adversarial", help="run name of the adversarial stage")
     p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string")
+    p.add_argument("--teacher_args", default="", help="extra `ayf fit` overrides of the teacher, one string "
+                   "(e.g. '--trainer.max_time 00:00:08:00' for a run that fits a time budget)")
+    p.add_argument("--student_args", default="", help="extra `ayf fit` overrides of the EMD student, one string")
+    p.add_argument("--callback_args", default="", help="edits of the configs' callbacks, space-separated "
+                   "Class.arg=value (e.g. 'TangentWarmup.horizon=1000 FidelityMetrics.num_samples=5000'); the "
+                   "edited configs are written to <out>/configs")
     p.add_argument("--guided", default="", help="comma-separated guidance scales: also train the autoguided student "
                    "and test it (with its guided teacher) at each")
     args = p.parse_args()
     out = args.out or os.path.join(ROOT, "bench_out", args.dataset)
     data = os.path.join(ROOT, "data", args.dataset)
     cfg = os.path.join(ROOT, "configs", args.dataset)
+    edits = dict(e.split("=", 1) for e in args.callback_args.split())
+    config = lambda name: edited_config(os.path.join(cfg, name), out, edits)  # noqa: E731
     if args.eval_only and not glob.glob(os.path.join(out, "*", "version_0", "checkpoints", "last.ckpt")):
         sys.exit(f"no checkpoints under {out}")
     shards(args.dataset, data)
     if not os.path.exists(os.path.join(data, "features.pt")):
         run("features", "fit", "--train", f"{data}/train", "--val", f"{data}/val", "--output", f"{data}/features.pt",
             "--epochs", "60")
-    teacher_ckpt, teacher = fit_and_test(os.path.join(cfg, "teacher.yaml"), out, "teacher")
-    student_ckpt, student = fit_and_test(os.path.join(cfg, "distill_emd.yaml"), out, "distill_emd",
-                                         ["--model.teacher.init_args.ckpt_path", teacher_ckpt])
+    teacher_ckpt, teacher = fit_and_test(config("teacher.yaml"), out, "teacher", args.teacher_args.split())
+    student_ckpt, student = fit_and_test(config("distill_emd.yaml"), out, "distill_emd",
+                                         ["--model.teacher.init_args.ckpt_path", teacher_ckpt, *args.student_args.split()])
     if args.adversarial:
-        _, adv = fit_and_test(os.path.join(cfg, "adversarial.yaml"), out, args.adv_name,
+        _, adv = fit_and_test(config("adversarial.yaml"), out, args.adv_name,
                               ["--model.distilled_ckpt", student_ckpt, "--model.teacher.init_args.ckpt_path", teacher_ckpt,
                                "--trainer.logger.init_args.name", args.adv_name, *args.adv_args.split()])
         text = adversarial_report(args.dataset, student, adv, args.adv_name)

@@ -38,7 +38,9 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, batch_size: int = 256, device="cpu") -> torch.Tensor:
-        """Features of many uint8 images, in batches, on ``device``; returned on the CPU."""
+        """Features of many uint8 images, in batches, on ``device`` (the extractor moves there); returned on the CPU."""
+        if isinstance(self, nn.Module):
+            self.to(device)
         out = [self(images[i: i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out)
 

@@ -96,3 +96,17 @@ def test_classifier_features_file_and_reference_cache(tmp_path):
     with pytest.raises(CheckpointError, match="not found.*ayf features fit"):
         ClassifierFeatures(str(tmp_path / "missing.pt"))
     assert math.isfinite(float(first.sum()))
+
+
+@pytest.mark.gpu
+def test_classifier_features_extract_on_cuda(tmp_path):
+    """A loaded extractor lives on the CPU; extract(device="cuda") moves it to the images' device."""
+    net = ClassifierNet(1, 3, width=4, feature_dim=6)
+    torch.save({"kind": "ayf-classifier", "config": {"in_channels": 1, "num_classes": 3, "width": 4, "feature_dim": 6},
+                "shape": [1, 8, 8], "state_dict": net.state_dict()}, tmp_path / "f.pt")
+    ext = ClassifierFeatures(str(tmp_path / "f.pt"))
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    on_cpu = ext.extract(images, batch_size=4)
+    on_gpu = ext.extract(images, batch_size=4, device="cuda")
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)
