@@ -137,7 +137,8 @@ class FidelityMetrics(L.Callback):
         return results
 
     def _publish(self, trainer, results: dict, periodic: bool) -> None:
-        step = trainer.global_step
+        # in ayf test the trainer's step is 0: report the trained step of the checkpoint instead
+        step = trainer.global_step if periodic else getattr(trainer.lightning_module, "checkpoint_step", 0)
         if trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"fidelity/{name}/{m}": v for name, res in results.items() for m, v in res.items()}, step=step)

@@ -45,6 +45,10 @@ class AyfTask(L.LightningModule):
         self._lr_scheduler = lr_scheduler
         self._compiled = None
         self.compile_loss = compile
+        self.checkpoint_step = 0  # global_step of the checkpoint these weights came from (ayf test reports it)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def set_sample_guidance(self, lam: float) -> None:
         """Sets :attr:`sample_guidance`; a model that cannot be guided raises ConfigError."""

@@ -76,6 +76,7 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     assert main(["test", "--config", teacher_cfg, "--ckpt_path", teacher_ckpt]) == 0
     record = json.loads(open(only(str(tmp_path / "teacher" / "version_1" / "fidelity.json"))).read())
     assert set(record["results"]) == {"euler_2", "euler_4", "heun_2", "heun_4"}
+    assert record["step"] == 3  # the checkpoint's trained step, not the test trainer's 0
 
     student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt, every_n_steps=3, teacher_steps=[2, 4])
     assert main(["fit", "--config", student_cfg]) == 0
