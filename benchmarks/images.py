@@ -3,6 +3,9 @@ classifier-feature space of `ayf features fit` (FD, KID, precision, recall again
 
     python benchmarks/images.py --dataset digits                 # CPU, about an hour
     python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
+    python benchmarks/images.py --dataset fashion_mnist --teacher_args "--trainer.max_time 00:00:05:00" \
+        --student_args "--trainer.max_time 00:00:06:00" --callback_args "TangentWarmup.horizon=500"
+                                                                 # the same, cut to a time budget
     python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
     python benchmarks/images.py --dataset digits --adversarial   # + adversarial finetuning (issue 4)
     python benchmarks/images.py --dataset digits --guided 1.5,2  # + an autoguided student at lam 1.5 and 2
@@ -182,6 +185,8 @@ def main():
     out = args.out or os.path.join(ROOT, "bench_out", args.dataset)
     data = os.path.join(ROOT, "data", args.dataset)
     cfg = os.path.join(ROOT, "configs", args.dataset)
+    if any("=" not in e or "." not in e.split("=")[0] for e in args.callback_args.split()):
+        p.error(f"--callback_args takes Class.arg=value items, got {args.callback_args!r}")
     edits = dict(e.split("=", 1) for e in args.callback_args.split())
     config = lambda name: edited_config(os.path.join(cfg, name), out, edits)  # noqa: E731
     if args.eval_only and not glob.glob(os.path.join(out, "*", "version_0", "checkpoints", "last.ckpt")):
