@@ -63,12 +63,16 @@ def shards(dataset, data):
             "--labels", f"{FASHION}/{prefix}-labels-idx1-ubyte.gz", "--pad", "2", "--output", f"{data}/{split}")
 
 
+def logged_under(out):
+    """`ayf` overrides that put a run's logs and checkpoints under ``out``."""
+    return ["--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out]
+
+
 def fit_once(config, out, name, extra=()):
     """``ayf fit`` unless ``<out>/<name>/version_0`` has a last checkpoint; returns its path."""
     ckpt = os.path.join(out, name, "version_0", "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):
-        run("fit", "--config", config, "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
-            *extra)
+        run("fit", "--config", config, *logged_under(out), *extra)
     return ckpt
 
 
@@ -76,8 +80,8 @@ def test_once(config, out, name, ckpt, extra=()):
     """``ayf test`` of ``ckpt`` logged under ``<out>/<name>`` unless a fidelity.json is there; returns it."""
     result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
     if result is None:
-        run("test", "--config", config, "--ckpt_path", ckpt, "--trainer.default_root_dir", out,
-            "--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", name, *extra)
+        run("test", "--config", config, "--ckpt_path", ckpt, *logged_under(out), "--trainer.logger.init_args.name", name,
+            *extra)
         result = newest(os.path.join(out, name, "version_*", "fidelity.json"))
     return json.load(open(result))
 
@@ -124,14 +128,14 @@ WEAK_FIT = {  # how each dataset's autoguidance config says to train its weak mo
 }
 
 
-def guided(dataset, cfg, out, teacher_ckpt, lams):
-    """Train the autoguided student and test it at each lam; returns the Markdown report."""
-    config = os.path.join(cfg, "distill_autoguidance.yaml")
+def guided(dataset, configs, out, teacher_ckpt, lams):
+    """Train the autoguided student and test it at each lam; returns the Markdown report.
+    ``configs(name)`` is the path of the dataset's config ``name``."""
+    config = configs("distill_autoguidance.yaml")
     weak = yaml.safe_load(open(config))["model"]["init_args"]["teacher"]["init_args"]["weak"]["init_args"]["ckpt_path"]
     weak = os.path.join(out, os.path.relpath(weak, os.path.join("runs", dataset)))
     if not os.path.exists(weak):
-        run("fit", "--config", os.path.join(cfg, "teacher.yaml"), "--trainer.default_root_dir", out,
-            "--trainer.logger.init_args.save_dir", out, *WEAK_FIT[dataset])
+        run("fit", "--config", configs("teacher.yaml"), *logged_under(out), *WEAK_FIT[dataset])
     extra = ["--model.teacher.init_args.teacher.init_args.ckpt_path", teacher_ckpt,
              "--model.teacher.init_args.weak.init_args.ckpt_path", weak]
     ckpt = fit_once(config, out, "distill_autoguidance", extra)
@@ -208,7 +212,7 @@ def main():
             fh.write(text + "\n")
 
     if args.guided:
-        text = guided(args.dataset, cfg, out, teacher_ckpt, [float(v) for v in args.guided.split(",")])
+        text = guided(args.dataset, config, out, teacher_ckpt, [float(v) for v in args.guided.split(",")])
         print(text)
         with open(os.path.join(out, "guided.md"), "w") as fh:
             fh.write(text + "\n")

@@ -75,12 +75,17 @@ def test_inception_loads_local_weights_file(tmp_path, monkeypatch):
         InceptionFeatures(weights_path=str(tmp_path / "bad.pth"))
 
 
-def test_classifier_features_file_and_reference_cache(tmp_path):
-    torch.manual_seed(0)
+def classifier_file(path):
+    """A small classifier saved as `ayf features fit` saves it; returns the net and its loaded extractor."""
     net = ClassifierNet(1, 3, width=4, feature_dim=6)
     torch.save({"kind": "ayf-classifier", "config": {"in_channels": 1, "num_classes": 3, "width": 4, "feature_dim": 6},
-                "shape": [1, 8, 8], "state_dict": net.state_dict()}, tmp_path / "f.pt")
-    ext = ClassifierFeatures(str(tmp_path / "f.pt"))
+                "shape": [1, 8, 8], "state_dict": net.state_dict()}, path)
+    return net, ClassifierFeatures(str(path))
+
+
+def test_classifier_features_file_and_reference_cache(tmp_path):
+    torch.manual_seed(0)
+    net, ext = classifier_file(tmp_path / "f.pt")
     imgs = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(ext.extract(imgs), net.features(imgs))
     calls = []
@@ -101,10 +106,7 @@ def test_classifier_features_file_and_reference_cache(tmp_path):
 @pytest.mark.gpu
 def test_classifier_features_extract_on_cuda(tmp_path):
     """A loaded extractor lives on the CPU; extract(device="cuda") moves it to the images' device."""
-    net = ClassifierNet(1, 3, width=4, feature_dim=6)
-    torch.save({"kind": "ayf-classifier", "config": {"in_channels": 1, "num_classes": 3, "width": 4, "feature_dim": 6},
-                "shape": [1, 8, 8], "state_dict": net.state_dict()}, tmp_path / "f.pt")
-    ext = ClassifierFeatures(str(tmp_path / "f.pt"))
+    net, ext = classifier_file(tmp_path / "f.pt")
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     on_cpu = ext.extract(images, batch_size=4)
     on_gpu = ext.extract(images, batch_size=4, device="cuda")
