@@ -49,6 +49,20 @@ def _lightning_cli(args):
                 callbacks = list(callbacks) + [ProgressBar()]
             return super()._instantiate_trainer(config, callbacks)
 
+        def parse_arguments(self, parser, args):
+            self.typed = list(sys.argv[1:] if args is None else args)
+            super().parse_arguments(parser, args)
+
+        def _parse_ckpt_path(self):
+            # Lightning replaces the model's arguments with the hyperparameters stored in --ckpt_path.
+            # That keeps a resumed run what it was, but it also drops `--model.*` options typed on the
+            # command line; those are put back, and the config-file values replaced are named.
+            before = self.config.clone()
+            super()._parse_ckpt_path()
+            sub = self.config.get("subcommand")
+            if sub is not None and before != self.config:
+                keep_typed_model_args(before[sub], self.config[sub], self.typed)
+
         def add_arguments_to_parser(self, parser):
             parser.add_argument(
                 "--guidance", type=Optional[float], default=None,
@@ -72,6 +86,51 @@ def _lightning_cli(args):
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": False},
     )
+
+
+def typed_keys(argv, group="model"):
+    """Dotted keys of the ``--model...`` options in ``argv`` (``--model.lr=1`` and ``--model.lr 1``)."""
+    keys = []
+    for token in argv:
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if key == group or key.startswith(group + "."):
+            keys.append(key)
+    return keys
+
+
+def stored_key(ns, key):
+    """``key`` as the parsed namespace ``ns`` stores it, or None: ``model.teacher.ckpt_path`` may be
+    stored as ``model.init_args.teacher.init_args.ckpt_path``."""
+    node, path = ns, []
+    for part in key.split("."):
+        fields = vars(node) if hasattr(node, "__dict__") else {}
+        if part not in fields and hasattr(fields.get("init_args"), "__dict__"):
+            path.append("init_args")
+            fields = vars(fields["init_args"])
+        if part not in fields:
+            return None
+        path.append(part)
+        node = fields[part]
+    return ".".join(path)
+
+
+def keep_typed_model_args(typed_ns, merged, argv):
+    """Puts the ``--model.*`` values of ``argv`` (as parsed into ``typed_ns``) back into ``merged``, the
+    config after the checkpoint's hyperparameters replaced them, and prints one note naming the
+    config-file values that the checkpoint's replaced."""
+    kept = []
+    for key in typed_keys(argv):
+        path = stored_key(typed_ns, key)
+        if path is not None:
+            merged[path] = typed_ns[path]
+            kept.append(path)
+    old = dict(typed_ns.get("model").items()) if typed_ns.get("model") is not None else {}
+    new = dict(merged.get("model").items()) if merged.get("model") is not None else {}
+    replaced = [f"model.{k}" for k in old if k in new and old[k] != new[k]
+                and not any(f"model.{k}" == p or f"model.{k}".startswith(p + ".") for p in kept)]
+    if replaced:
+        print(f"ayf: note: the checkpoint's hyperparameters replace the config's {', '.join(sorted(replaced))}; "
+              "give --model.* options on the command line to change them", file=sys.stderr)
 
 
 def main(args=None) -> int:

@@ -97,6 +97,25 @@ def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
     assert np.load(tmp_path / "t.npy").shape == (5, 2)
 
 
+def test_resume_keeps_model_options_typed_on_the_command_line(tmp_path, capsys):
+    # Lightning's --ckpt_path hands the model the checkpoint's hyperparameters; options typed on the
+    # command line must still win, and config-file values that the checkpoint's replace are named.
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "toy", "teacher.yaml")))
+    cfg["data"] = os.path.join(ROOT, "configs", "toy", cfg["data"])
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(tiny(tmp_path, str(config))) == 0
+    cfg["model"]["init_args"]["p_std"] = 2.0  # edited after the run
+    config.write_text(yaml.safe_dump(cfg))
+    resumed = ["--ckpt_path", last_ckpt(tmp_path, "teacher"), "--model.p_mean=0.7", "--trainer.logger.init_args.name", "resumed"]
+    capsys.readouterr()
+    assert main(tiny(tmp_path, str(config), steps=6, extra=resumed)) == 0
+    assert "replace the config's model.init_args.p_std;" in capsys.readouterr().err
+    ckpt = torch.load(last_ckpt(tmp_path, "resumed"), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert (ckpt["hyper_parameters"]["p_mean"], ckpt["hyper_parameters"]["p_std"]) == (0.7, 1.0)
+
+
 @pytest.fixture(scope="module")
 def student_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("student")
