@@ -124,10 +124,9 @@ def keep_typed_model_args(typed_ns, merged, argv):
         if path is not None:
             merged[path] = typed_ns[path]
             kept.append(path)
-    old = dict(typed_ns.get("model").items()) if typed_ns.get("model") is not None else {}
-    new = dict(merged.get("model").items()) if merged.get("model") is not None else {}
+    old, new = dict(typed_ns.model.items()), dict(merged.model.items())
     replaced = [f"model.{k}" for k in old if k in new and old[k] != new[k]
-                and not any(f"model.{k}" == p or f"model.{k}".startswith(p + ".") for p in kept)]
+                and not any(f"model.{k}.".startswith(p + ".") for p in kept)]
     if replaced:
         print(f"ayf: note: the checkpoint's hyperparameters replace the config's {', '.join(sorted(replaced))}; "
               "give --model.* options on the command line to change them", file=sys.stderr)
