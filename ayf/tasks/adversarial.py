@@ -1,7 +1,7 @@
 """AdversarialFinetuning: AYF-EMD plus a relativistic GAN loss on few-step samples (spec section 7)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -31,7 +31,8 @@ class AdversarialFinetuning(FlowMapDistillation):
     with two optimisers). Lightning counts both optimiser steps in ``global_step``, so
     ``trainer.max_steps`` (and step-based checkpoint / metric intervals) are twice the number of
     iterations. Fakes are flow-map samples from noise with the real batch's labels, at a step
-    count cycling through ``fake_steps``. The student starts from the distilled checkpoint and
+    count cycling through ``fake_steps`` (or, from a given step on, through the list that
+    ``fake_steps_schedule`` gives for it). The student starts from the distilled checkpoint and
     the EMA callback continues that run's EMA.
 
     Args:
@@ -45,6 +46,9 @@ class AdversarialFinetuning(FlowMapDistillation):
         lambda_adv: weight of the generator's RpGAN term.
         r1_gamma: gamma of the R1 (real) and R2 (fake) gradient penalties, ``gamma / 2 (R1 + R2)``.
         fake_steps: flow-map step counts of the fakes, used in turn (e.g. [1, 2, 4]).
+        fake_steps_schedule: later lists of fake step counts, keyed by the global step (as in
+            ``trainer.max_steps``) from which each replaces ``fake_steps``; e.g.
+            ``{8000: [1, 2, 4, 8, 8]}`` trains on 1-step fakes, then on 1/2/4/8-step fakes.
         objective: distillation objective of the regression term (``emd`` or ``lmd``).
         weighting: per-example weight of the regression term (see FlowMapDistillation).
         tangent_norm: constant c of the tangent normalisation.
@@ -67,6 +71,7 @@ class AdversarialFinetuning(FlowMapDistillation):
         lambda_adv: float = 0.1,
         r1_gamma: float = 1.0,
         fake_steps: List[int] = (1,),
+        fake_steps_schedule: Optional[Dict[int, List[int]]] = None,
         objective: str = "emd",
         weighting: str = "none",
         tangent_norm: float = 0.1,
@@ -80,8 +85,12 @@ class AdversarialFinetuning(FlowMapDistillation):
             raise ConfigError(f"unknown init_weights {init_weights!r}; choose one of {', '.join(INIT_WEIGHTS)}")
         if objective == "consistency":
             raise ConfigError("adversarial finetuning needs a flow-map objective (emd or lmd)")
-        if lambda_adv < 0 or r1_gamma < 0 or not fake_steps or min(fake_steps) < 1:
-            raise ConfigError("lambda_adv and r1_gamma must be >= 0 and fake_steps a list of step counts >= 1")
+        schedule = {0: fake_steps, **(fake_steps_schedule or {})}
+        if lambda_adv < 0 or r1_gamma < 0:
+            raise ConfigError("lambda_adv and r1_gamma must be >= 0")
+        for start, counts in schedule.items():
+            if int(start) < 0 or not counts or min(counts) < 1:
+                raise ConfigError(f"fake_steps (from step {start}) must be a non-empty list of step counts >= 1")
         ckpt = read_checkpoint(distilled_ckpt)
         loaded, meta = network_from_checkpoint(ckpt, distilled_ckpt, use_ema=init_weights == "ema", kinds=FLOW_MAP_KINDS)
         if net is None:
@@ -99,7 +108,7 @@ class AdversarialFinetuning(FlowMapDistillation):
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
         self.discriminator = discriminator
         self._d_optimizer = d_optimizer or default_gan_optimizer
-        self.fake_steps = [int(k) for k in fake_steps]
+        self.fake_steps_schedule = sorted((int(start), [int(k) for k in counts]) for start, counts in schedule.items())
         self.check_discriminator()
 
     def check_discriminator(self):
@@ -175,9 +184,14 @@ class AdversarialFinetuning(FlowMapDistillation):
             g_opt.step()
         return loss.detach(), stats
 
+    def fake_steps_at(self, global_step: int) -> int:
+        """The fakes' step count at ``global_step``: the list in force, in turn from its first iteration."""
+        start, counts = [(start, c) for start, c in self.fake_steps_schedule if start <= global_step][-1]
+        return counts[((global_step - start) // 2) % len(counts)]
+
     def training_step(self, batch, batch_idx):
         iteration = self.global_step // 2
-        steps = self.fake_steps[iteration % len(self.fake_steps)]
+        steps = self.fake_steps_at(self.global_step)
         d_loss, d_stats = self.discriminator_step(batch, steps)
         g_loss, g_stats = self.generator_step(batch, steps)
         self.log("train/loss", g_stats["regression"], prog_bar=True)

@@ -16,6 +16,8 @@ from ayf.nn.io import load_network
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 RUN_CONFIGS = [c for c in CONFIGS if "model" in (yaml.safe_load(open(c)) or {})]
+# configs that change a few options of a sibling and are layered over it: `--config BASE --config C`
+LAYERED_OVER = {"adversarial_multistep.yaml": "adversarial.yaml"}
 
 
 def tiny(tmp_path, config, steps=3, extra=()):
@@ -38,10 +40,17 @@ def last_ckpt(tmp_path, name):
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=[os.path.relpath(c, ROOT) for c in RUN_CONFIGS])
 def test_every_shipped_config_parses(config, capsys):
+    base = LAYERED_OVER.get(os.path.basename(config))
+    layers = ["--config", os.path.join(os.path.dirname(config), base)] if base else []
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", config, "--print_config"])
+        main(["fit", *layers, "--config", config, "--print_config"])
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
+    if base:  # every option the layer sets wins over its base
+        layer = yaml.safe_load(open(config))
+        assert printed["trainer"]["max_steps"] == layer["trainer"]["max_steps"]
+        assert printed["model"]["init_args"]["fake_steps_schedule"] == {
+            str(k): v for k, v in layer["model"]["init_args"]["fake_steps_schedule"].items()}
     assert printed["model"]["class_path"].startswith("ayf.tasks.")
     data = printed["data"]["init_args"]
     assert data["mixture"]["means"] if "mixture" in data else data["train"].startswith("data/")

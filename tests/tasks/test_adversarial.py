@@ -165,3 +165,18 @@ def test_image_discriminator_projection_uses_the_label():
     a, b = d(x, torch.zeros(4, dtype=torch.long)), d(x, torch.ones(4, dtype=torch.long))
     assert a.shape == (4,) and not torch.allclose(a, b)
     assert len(d.blocks) == 2  # 16 -> 8 -> 4
+
+
+def test_fake_steps_follow_the_schedule_from_its_global_steps(distilled):
+    task = task_from(distilled[0], fake_steps=[1], fake_steps_schedule={8: [1, 2, 4], 4: [2]})
+    # two optimiser steps per iteration; each list is used in turn from the step it starts at
+    assert [task.fake_steps_at(g) for g in range(0, 16, 2)] == [1, 1, 2, 2, 1, 2, 4, 1]
+    assert task.fake_steps_at(9) == 1 and task.fake_steps_at(11) == 2
+    assert task_from(distilled[0], fake_steps=[1, 8]).fake_steps_at(3) == 8
+
+
+@pytest.mark.parametrize("kw", [{"fake_steps": []}, {"fake_steps_schedule": {10: [0]}},
+                                {"fake_steps_schedule": {-2: [1]}}, {"lambda_adv": -1.0}])
+def test_bad_fake_steps_or_weights_are_refused(distilled, kw):
+    with pytest.raises(ConfigError, match="fake_steps|lambda_adv"):
+        task_from(distilled[0], **kw)
