@@ -33,6 +33,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -176,7 +177,8 @@ def main():
     p.add_argument("--eval_only", action="store_true", help="fail instead of training when a checkpoint is missing")
     p.add_argument("--adversarial", action="store_true", help="also finetune the student adversarially and compare")
     p.add_argument("--adv_name", default="adversarial", help="run name of the adversarial stage")
-    p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string")
+    p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string, split as a shell "
+                   "would (e.g. \"--model.fake_steps_schedule '{2000: [1, 2, 4, 8, 8]}'\")")
     p.add_argument("--teacher_args", default="", help="extra `ayf fit` overrides of the teacher, one string "
                    "(e.g. '--trainer.max_time 00:00:08:00' for a run that fits a time budget)")
     p.add_argument("--student_args", default="", help="extra `ayf fit` overrides of the EMD student, one string")
@@ -199,13 +201,13 @@ def main():
     if not os.path.exists(os.path.join(data, "features.pt")):
         run("features", "fit", "--train", f"{data}/train", "--val", f"{data}/val", "--output", f"{data}/features.pt",
             "--epochs", "60")
-    teacher_ckpt, teacher = fit_and_test(config("teacher.yaml"), out, "teacher", args.teacher_args.split())
+    teacher_ckpt, teacher = fit_and_test(config("teacher.yaml"), out, "teacher", shlex.split(args.teacher_args))
     student_ckpt, student = fit_and_test(config("distill_emd.yaml"), out, "distill_emd",
-                                         ["--model.teacher.init_args.ckpt_path", teacher_ckpt, *args.student_args.split()])
+                                         ["--model.teacher.init_args.ckpt_path", teacher_ckpt, *shlex.split(args.student_args)])
     if args.adversarial:
         _, adv = fit_and_test(config("adversarial.yaml"), out, args.adv_name,
                               ["--model.distilled_ckpt", student_ckpt, "--model.teacher.init_args.ckpt_path", teacher_ckpt,
-                               "--trainer.logger.init_args.name", args.adv_name, *args.adv_args.split()])
+                               "--trainer.logger.init_args.name", args.adv_name, *shlex.split(args.adv_args)])
         text = adversarial_report(args.dataset, student, adv, args.adv_name)
         print(text)
         with open(os.path.join(out, f"{args.adv_name}.md"), "w") as fh:
