@@ -85,11 +85,11 @@ class AdversarialFinetuning(FlowMapDistillation):
             raise ConfigError(f"unknown init_weights {init_weights!r}; choose one of {', '.join(INIT_WEIGHTS)}")
         if objective == "consistency":
             raise ConfigError("adversarial finetuning needs a flow-map objective (emd or lmd)")
-        schedule = {0: fake_steps, **(fake_steps_schedule or {})}
+        schedule = {0: fake_steps, **{int(start): c for start, c in (fake_steps_schedule or {}).items()}}
         if lambda_adv < 0 or r1_gamma < 0:
             raise ConfigError("lambda_adv and r1_gamma must be >= 0")
         for start, counts in schedule.items():
-            if int(start) < 0 or not counts or min(counts) < 1:
+            if start < 0 or not counts or min(counts) < 1:
                 raise ConfigError(f"fake_steps (from step {start}) must be a non-empty list of step counts >= 1")
         ckpt = read_checkpoint(distilled_ckpt)
         loaded, meta = network_from_checkpoint(ckpt, distilled_ckpt, use_ema=init_weights == "ema", kinds=FLOW_MAP_KINDS)
@@ -108,7 +108,7 @@ class AdversarialFinetuning(FlowMapDistillation):
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
         self.discriminator = discriminator
         self._d_optimizer = d_optimizer or default_gan_optimizer
-        self.fake_steps_schedule = sorted((int(start), [int(k) for k in counts]) for start, counts in schedule.items())
+        self.fake_steps_schedule = sorted((start, [int(k) for k in counts]) for start, counts in schedule.items())
         self.check_discriminator()
 
     def check_discriminator(self):

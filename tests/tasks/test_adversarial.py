@@ -168,11 +168,12 @@ def test_image_discriminator_projection_uses_the_label():
 
 
 def test_fake_steps_follow_the_schedule_from_its_global_steps(distilled):
-    task = task_from(distilled[0], fake_steps=[1], fake_steps_schedule={8: [1, 2, 4], 4: [2]})
+    task = task_from(distilled[0], fake_steps=[1], fake_steps_schedule={8: [1, 2, 4], "4": [2]})
     # two optimiser steps per iteration; each list is used in turn from the step it starts at
     assert [task.fake_steps_at(g) for g in range(0, 16, 2)] == [1, 1, 2, 2, 1, 2, 4, 1]
     assert task.fake_steps_at(9) == 1 and task.fake_steps_at(11) == 2
     assert task_from(distilled[0], fake_steps=[1, 8]).fake_steps_at(3) == 8
+    assert task_from(distilled[0], fake_steps=[1], fake_steps_schedule={0: [2]}).fake_steps_at(0) == 2
 
 
 @pytest.mark.parametrize("kw", [{"fake_steps": []}, {"fake_steps_schedule": {10: [0]}},
