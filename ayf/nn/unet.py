@@ -38,8 +38,13 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """Blend ``(1 - t) a + t b`` rescaled to keep unit variance for independent inputs."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    """Blend ``(1 - t) a + t b`` rescaled to keep unit variance for independent inputs.
+
+    Under autocast one input can be bfloat16 and the other float32; lerp takes one dtype, so both
+    go to the wider one.
+    """
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

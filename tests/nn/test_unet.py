@@ -47,6 +47,16 @@ def test_student_from_unet_teacher_starts_at_teacher_velocity(gen):
     torch.testing.assert_close(student(x, t, 0.3 * t), teacher.velocity(x, t))
 
 
+def test_mp_sum_takes_a_bfloat16_and_a_float32_input(gen):
+    # under CUDA bf16 autocast a residual branch comes back bfloat16 while the skip stays float32
+    a = torch.randn(5, 4, generator=gen)
+    b = torch.randn(5, 4, generator=gen)
+    for lo, hi in ((a.bfloat16(), b), (a, b.bfloat16())):
+        out = mp_sum(lo, hi, 0.3)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, mp_sum(lo.float(), hi.float(), 0.3))
+
+
 def test_magnitude_preserving_primitives(gen):
     a = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
     b = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
