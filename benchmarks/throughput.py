@@ -1,23 +1,32 @@
 """Images per second on the U-Net: training (flow-matching teacher step, AYF-EMD distillation
 step) and sampling (flow map at 1 and 4 steps), for the digits and Fashion-MNIST network sizes.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--sizes digits fashion_mnist] [--repeats 10]
+    python benchmarks/throughput.py [--device cpu|cuda] [--sizes digits fashion_mnist] [--repeats 10] \
+        [--precision fp32 bf16]
 
 The EMD step counts the teacher call, the no-grad JVP and the student's forward/backward; the
 teacher is a velocity U-Net of the same size. The FM step trains the same student network at
 s = t (its s branch adds one small embedding MLP to a teacher's cost). Figures are medians of --repeats timed calls after
 3 warm-up calls; compare rows measured in the same run.
+
+--precision bf16 runs every step under bfloat16 autocast (what Lightning's `precision: bf16-mixed`
+does); its row also gives the relative error of the EMD tangent g against float32 on the same
+inputs, ||g_bf16 - g_fp32|| / ||g_fp32||, since the tangent is where low precision costs accuracy.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
 from types import SimpleNamespace
 
 import torch
 from cost import emd_loss, fm_loss, measure, step
 
+from ayf.math.path import interpolate
 from ayf.math.samplers import sample_flow_map
+from ayf.math.tangents import emd_tangent
 from ayf.math.times import TimePairSampler, time_grid
 from ayf.nn import FlowMap, UNet
 
@@ -37,20 +46,39 @@ def main():
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="override the per-size default batch")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="one row per size and precision; bf16 = bfloat16 autocast")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}")
-    print("| network | params | batch | FM train img/s | EMD train img/s | EMD/FM time | sample 1-step img/s | sample 4-step img/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| network | params | batch | precision | FM train img/s | EMD train img/s | EMD/FM time | "
+          "sample 1-step img/s | sample 4-step img/s | EMD tangent rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats), flush=True)
+        for precision in args.precision:
+            print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats, precision),
+                  flush=True)
 
 
-def bench_size(size: str, device, batch: int, repeats: int) -> str:
-    """One table row: training and sampling images/s of one network size."""
+def autocast(device, precision: str):
+    """bfloat16 autocast for ``"bf16"``, nothing for ``"fp32"``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def in_precision(fn, device, precision):
+    def wrapped():
+        with autocast(device, precision):
+            return fn()
+    return wrapped
+
+
+def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp32") -> str:
+    """One table row: training and sampling images/s of one network size in one precision."""
     cfg = SIZES[size]
     teacher = FlowMap(UNet(**cfg), s_embedding="none", num_classes=10).to(device).requires_grad_(False).eval()
     student = FlowMap(UNet(**cfg), num_classes=10).to(device)
@@ -66,17 +94,47 @@ def bench_size(size: str, device, batch: int, repeats: int) -> str:
         return student(x, tt, ss, label=label)
 
     T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
-    t_fm, _ = measure(lambda: step(opt, fm_loss, F_s, x0, t, eps), repeats, device, memory=False)
-    t_emd, _ = measure(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), repeats, device, memory=False)
+    error = tangent_error(teacher, student, label, x0, t, s, eps, r, device) if precision != "fp32" else None
+    t_fm, _ = measure(in_precision(lambda: step(opt, fm_loss, F_s, x0, t, eps), device, precision), repeats, device,
+                      memory=False)
+    t_emd, _ = measure(in_precision(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), device, precision),
+                       repeats, device, memory=False)
     student.eval()
     samp = {}
     with torch.no_grad():
         for k in (1, 4):
             grid = time_grid(k).to(device)
-            samp[k], _ = measure(lambda g=grid: sample_flow_map(F_s, eps, g), repeats, device, memory=False)
+            samp[k], _ = measure(in_precision(lambda g=grid: sample_flow_map(F_s, eps, g), device, precision),
+                                 repeats, device, memory=False)
     params = sum(q.numel() for q in student.parameters()) / 1e6
-    return (f"| {size} | {params:.2f}M | {batch} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | {t_emd / t_fm:.2f} | "
-            f"{batch / samp[1]:.0f} | {batch / samp[4]:.0f} |")
+    return (f"| {size} | {params:.2f}M | {batch} | {precision} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | "
+            f"{t_emd / t_fm:.2f} | {batch / samp[1]:.0f} | {batch / samp[4]:.0f} | "
+            f"{'-' if error is None else f'{error:.2e}'} |")
+
+
+def tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision="bf16") -> float:
+    """||g - g_fp32|| / ||g_fp32|| of the EMD tangent g computed under ``precision`` autocast.
+
+    A fresh U-Net outputs zeros (its output and embedding gains start at 0, as in EDM2), so g would
+    be 0 too: the error is measured on copies whose gains are set to 1, which output O(1) values.
+    """
+    teacher, student = (copy.deepcopy(n) for n in (teacher, student))
+    with torch.no_grad():
+        for net in (teacher, student):
+            for name, q in net.named_parameters():
+                if name.endswith("gain"):
+                    q.fill_(1.0)
+    x_t = interpolate(x0, eps, t)
+
+    def tangent():
+        with torch.no_grad():
+            v = teacher(x_t, t, None, label=label)
+        return emd_tangent(lambda x, tt, ss: student(x, tt, ss, label=label), x_t, t, s, v, r=r)[1].float()
+
+    g32 = tangent()
+    with autocast(device, precision):
+        g_low = tangent()
+    return ((g_low - g32).norm() / g32.norm()).item()
 
 if __name__ == "__main__":
     main()
