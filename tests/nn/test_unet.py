@@ -96,3 +96,23 @@ def test_unet_jvp_on_cuda_matches_cpu_float64(gen):
     torch.testing.assert_close(dF.double().cpu(), ref_dF, atol=2e-2, rtol=2e-2)
     with torch.no_grad():  # the ordinary forward (any attention kernel) agrees too
         torch.testing.assert_close(gpu(*args[:3], label=lab).double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_unet_jvp_under_cuda_bf16_autocast_stays_near_float32(gen):
+    """`--trainer.precision bf16-mixed`: the forward and the JVP run and stay within bf16's error."""
+    net = FlowMap(make_unet(), num_classes=3)
+    for p in net.parameters():
+        p.data.add_(0.3 * torch.randn(p.shape, generator=gen))
+    net = net.cuda()
+    x, dx = (torch.randn(4, 2, 8, 8, generator=gen).cuda() for _ in range(2))
+    t = (0.1 + 0.8 * torch.rand(4, generator=gen)).cuda()
+    s, dt, ds = 0.5 * t, torch.ones_like(t), torch.zeros_like(t)
+    label = torch.tensor([0, 2, 1, 2]).cuda()
+    F_fn = lambda a, b, c: net(a, b, c, label=label)  # noqa: E731
+    ref_F, ref_dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        F, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
+    for low, ref in ((F, ref_F), (dF, ref_dF)):
+        err = ((low.float() - ref).norm() / ref.norm()).item()
+        assert math.isfinite(err) and err < 0.05, err
