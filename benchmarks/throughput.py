@@ -94,7 +94,7 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
         return student(x, tt, ss, label=label)
 
     T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
-    error = tangent_error(teacher, student, label, x0, t, s, eps, r, device) if precision != "fp32" else None
+    error = tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision) if precision != "fp32" else None
     t_fm, _ = measure(in_precision(lambda: step(opt, fm_loss, F_s, x0, t, eps), device, precision), repeats, device,
                       memory=False)
     t_emd, _ = measure(in_precision(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), device, precision),
@@ -112,7 +112,7 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
             f"{'-' if error is None else f'{error:.2e}'} |")
 
 
-def tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision="bf16") -> float:
+def tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision: str) -> float:
     """||g - g_fp32|| / ||g_fp32|| of the EMD tangent g computed under ``precision`` autocast.
 
     A fresh U-Net outputs zeros (its output and embedding gains start at 0, as in EDM2), so g would
