@@ -28,7 +28,9 @@ def mp_normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
         dim = list(range(1, x.ndim))
     wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # norms of half floats in float32
     norm = torch.linalg.vector_norm(wide, dim=dim, keepdim=True).to(x.dtype)
-    numel = math.prod(x.shape[d] for d in ([dim] if isinstance(dim, int) else dim))
+    numel = 1
+    for d in [dim] if isinstance(dim, int) else dim:  # a plain loop: torch.compile traces it
+        numel *= x.shape[d]
     return x / (eps + norm / math.sqrt(numel))
 
 

@@ -116,3 +116,26 @@ def test_unet_jvp_under_cuda_bf16_autocast_stays_near_float32(gen):
     for low, ref in ((F, ref_F), (dF, ref_dF)):
         err = ((low.float() - ref).norm() / ref.norm()).item()
         assert math.isfinite(err) and err < 0.05, err
+
+
+def test_torch_compile_traces_the_unet_emd_loss_without_graph_breaks(gen):
+    # a graph break splits the compiled step into many small graphs and hides the speed-up
+    # (benchmarks/throughput.py --compile); dynamo's trace alone, no inductor codegen
+    from ayf.math.tangents import emd_tangent
+
+    teacher = FlowMap(make_unet(seed=1), s_embedding="none", num_classes=3).requires_grad_(False)
+    student = FlowMap(make_unet(seed=2), num_classes=3)
+    x = torch.randn(4, 2, 8, 8, generator=gen)
+    t = 0.1 + 0.8 * torch.rand(4, generator=gen)
+    s = t * torch.rand(4, generator=gen)
+    label = torch.tensor([0, 2, 1, 2])
+
+    def loss(x, t, s, r):
+        with torch.no_grad():
+            v = teacher(x, t, None, label=label)
+        F, g = emd_tangent(lambda xx, tt, ss: student(xx, tt, ss, label=label), x, t, s, v, r=r)
+        return (F - g).square().mean()
+
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(loss)(x, t, s, torch.tensor(0.5))
+    assert report.graph_count == 1 and report.graph_break_count == 0, report.break_reasons
