@@ -2,7 +2,7 @@
 step) and sampling (flow map at 1 and 4 steps), for the digits and Fashion-MNIST network sizes.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--sizes digits fashion_mnist] [--repeats 10] \
-        [--precision fp32 bf16]
+        [--precision fp32 bf16] [--compile]
 
 The EMD step counts the teacher call, the no-grad JVP and the student's forward/backward; the
 teacher is a velocity U-Net of the same size. The FM step trains the same student network at
@@ -12,6 +12,10 @@ s = t (its s branch adds one small embedding MLP to a teacher's cost). Figures a
 --precision bf16 runs every step under bfloat16 autocast (what Lightning's `precision: bf16-mixed`
 does); its row also gives the relative error of the EMD tangent g against float32 on the same
 inputs, ||g_bf16 - g_fp32|| / ||g_fp32||, since the tangent is where low precision costs accuracy.
+
+--compile adds, for each precision, a row whose two training steps run their loss computation
+through torch.compile (what `compile: true` on a task does); compilation happens in the warm-up
+calls and is not timed. Its sampling columns are left empty.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="override the per-size default batch")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="one row per size and precision; bf16 = bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time the training steps under torch.compile")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -59,8 +64,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         for precision in args.precision:
-            print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats, precision),
-                  flush=True)
+            for compiled in (False, True) if args.compile else (False,):
+                print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats, precision,
+                                 compiled), flush=True)
 
 
 def autocast(device, precision: str):
@@ -77,7 +83,7 @@ def in_precision(fn, device, precision):
     return wrapped
 
 
-def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp32") -> str:
+def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp32", compiled: bool = False) -> str:
     """One table row: training and sampling images/s of one network size in one precision."""
     cfg = SIZES[size]
     teacher = FlowMap(UNet(**cfg), s_embedding="none", num_classes=10).to(device).requires_grad_(False).eval()
@@ -95,20 +101,23 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
 
     T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
     error = tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision) if precision != "fp32" else None
-    t_fm, _ = measure(in_precision(lambda: step(opt, fm_loss, F_s, x0, t, eps), device, precision), repeats, device,
+    fm, emd = (torch.compile(fn) if compiled else fn for fn in (fm_loss, emd_loss))
+    t_fm, _ = measure(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision), repeats, device,
                       memory=False)
-    t_emd, _ = measure(in_precision(lambda: step(opt, emd_loss, F_s, T_s, x0, t, s, eps, r), device, precision),
+    t_emd, _ = measure(in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r), device, precision),
                        repeats, device, memory=False)
     student.eval()
-    samp = {}
+    samp = {1: float("nan"), 4: float("nan")}
     with torch.no_grad():
-        for k in (1, 4):
+        for k in () if compiled else (1, 4):
             grid = time_grid(k).to(device)
             samp[k], _ = measure(in_precision(lambda g=grid: sample_flow_map(F_s, eps, g), device, precision),
                                  repeats, device, memory=False)
     params = sum(q.numel() for q in student.parameters()) / 1e6
-    return (f"| {size} | {params:.2f}M | {batch} | {precision} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | "
-            f"{t_emd / t_fm:.2f} | {batch / samp[1]:.0f} | {batch / samp[4]:.0f} | "
+    mode = f"{precision} compiled" if compiled else precision
+    rate = {k: "-" if compiled else f"{batch / v:.0f}" for k, v in samp.items()}
+    return (f"| {size} | {params:.2f}M | {batch} | {mode} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | "
+            f"{t_emd / t_fm:.2f} | {rate[1]} | {rate[4]} | "
             f"{'-' if error is None else f'{error:.2e}'} |")
 
 

@@ -57,6 +57,8 @@ class AdversarialFinetuning(FlowMapDistillation):
         sample_guidance: lam of validation, plots and ``ayf test``.
         optimizer: generator optimiser factory (default Adam, lr 2e-5, betas (0, 0.99)).
         d_optimizer: discriminator optimiser factory (default as the generator's).
+        compile: run the regression term (teacher, JVP, forward) through ``torch.compile``, as
+            FlowMapDistillation's ``compile`` does; fakes and discriminator stay eager.
     """
 
     kind = "AdversarialFinetuning"
@@ -80,6 +82,7 @@ class AdversarialFinetuning(FlowMapDistillation):
         sample_guidance: Optional[float] = None,
         optimizer: Optional[OptimizerCallable] = None,
         d_optimizer: Optional[OptimizerCallable] = None,
+        compile: bool = False,
     ):
         if init_weights not in INIT_WEIGHTS:
             raise ConfigError(f"unknown init_weights {init_weights!r}; choose one of {', '.join(INIT_WEIGHTS)}")
@@ -102,7 +105,7 @@ class AdversarialFinetuning(FlowMapDistillation):
                 raise ConfigError(f"the net does not match {distilled_ckpt}: {str(err).splitlines()[0]}") from None
         super().__init__(net.train(), teacher, objective=objective, weighting=weighting, tangent_norm=tangent_norm,
                          time_sampler=time_sampler, init_from_teacher=False, optimizer=optimizer or default_gan_optimizer,
-                         guidance_range=guidance_range, sample_guidance=sample_guidance)
+                         guidance_range=guidance_range, sample_guidance=sample_guidance, compile=compile)
         self.automatic_optimization = False
         self.net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback

@@ -181,3 +181,17 @@ def test_fake_steps_follow_the_schedule_from_its_global_steps(distilled):
 def test_bad_fake_steps_or_weights_are_refused(distilled, kw):
     with pytest.raises(ConfigError, match="fake_steps|lambda_adv"):
         task_from(distilled[0], **kw)
+
+
+def test_compile_runs_the_regression_term_compiled_and_matches_eager(distilled):
+    eager, compiled = task_from(distilled[0]), task_from(distilled[0], compile=True)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 2, generator=gen), torch.randn(64, 2, generator=gen)
+    t = torch.rand(64, generator=gen)
+    s = t * torch.rand(64, generator=gen)
+    torch._dynamo.reset()
+    want, want_norm = eager.per_example_loss(x0, eps, t, s, torch.tensor(0.5), None)
+    got, got_norm = compiled.per_example_loss(x0, eps, t, s, torch.tensor(0.5), None)
+    assert compiled._compiled is not None and eager._compiled is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=1e-6)
