@@ -59,8 +59,12 @@ class AyfTask(L.LightningModule):
         raise NotImplementedError
 
     def per_example_loss(self, *tensors):
-        """:meth:`loss_terms`, through ``torch.compile`` when the task was built with compile."""
-        if not self.compile_loss:
+        """:meth:`loss_terms`, through ``torch.compile`` when the task was built with compile.
+
+        Only training steps (grad enabled) run compiled: validation and test batches are few, and
+        a no-grad call would compile a second graph, which costs more than it saves.
+        """
+        if not self.compile_loss or not torch.is_grad_enabled():
             return self.loss_terms(*tensors)
         if self._compiled is None:
             self._compiled = torch.compile(self.loss_terms)

@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
-def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves():
+def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves_or_in_validation():
     torch.manual_seed(0)
     teacher = NetTeacher()
     eager = FlowMapDistillation(student(), teacher)
@@ -136,3 +136,7 @@ def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves():
             got, got_norm = compiled.per_example_loss(x0, eps, t, s, rt, None)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=1e-6)
+        # validation runs without grad: eagerly, so it adds no second compilation
+        with torch.no_grad():
+            got, _ = compiled.per_example_loss(x0, eps, t, s, rt, None)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
