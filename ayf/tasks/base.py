@@ -67,7 +67,9 @@ class AyfTask(L.LightningModule):
         if not self.compile_loss or not torch.is_grad_enabled():
             return self.loss_terms(*tensors)
         if self._compiled is None:
-            self._compiled = torch.compile(self.loss_terms)
+            # static shapes: a training batch keeps its shape, and a rare odd one (a last partial
+            # batch) compiles once more rather than turning every size symbolic
+            self._compiled = torch.compile(self.loss_terms, dynamic=False)
         return self._compiled(*tensors)
 
     def trainable_parameters(self):
