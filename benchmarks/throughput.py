@@ -102,7 +102,7 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
     T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
     error = tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision) if precision != "fp32" else None
     torch._dynamo.reset()  # a fresh cache per row: shapes carried over from a row before would compile dynamic ones
-    fm, emd = (torch.compile(fn) if compiled else fn for fn in (fm_loss, emd_loss))
+    fm, emd = (torch.compile(fn, dynamic=False) if compiled else fn for fn in (fm_loss, emd_loss))
     t_fm, _ = measure(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision), repeats, device,
                       memory=False)
     t_emd, _ = measure(in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r), device, precision),

@@ -118,17 +118,19 @@ def test_unet_jvp_under_cuda_bf16_autocast_stays_near_float32(gen):
         assert math.isfinite(err) and err < 0.05, err
 
 
-def test_torch_compile_traces_the_unet_emd_loss_without_graph_breaks(gen):
-    # a graph break splits the compiled step into many small graphs and hides the speed-up
-    # (benchmarks/throughput.py --compile); dynamo's trace alone, no inductor codegen
+def unet_emd_loss(gen, device="cpu"):
+    """An EMD loss of a U-Net student against a U-Net teacher, and its inputs."""
     from ayf.math.tangents import emd_tangent
 
-    teacher = FlowMap(make_unet(seed=1), s_embedding="none", num_classes=3).requires_grad_(False)
-    student = FlowMap(make_unet(seed=2), num_classes=3)
-    x = torch.randn(4, 2, 8, 8, generator=gen)
-    t = 0.1 + 0.8 * torch.rand(4, generator=gen)
-    s = t * torch.rand(4, generator=gen)
-    label = torch.tensor([0, 2, 1, 2])
+    teacher = FlowMap(make_unet(seed=1), s_embedding="none", num_classes=3).requires_grad_(False).to(device)
+    student = FlowMap(make_unet(seed=2), num_classes=3).to(device)
+    with torch.no_grad():  # non-zero gains, so the outputs and the tangent are not all zeros
+        for p in [*teacher.parameters(), *student.parameters()]:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen).to(device))
+    x = torch.randn(4, 2, 8, 8, generator=gen).to(device)
+    t = (0.1 + 0.8 * torch.rand(4, generator=gen)).to(device)
+    s = t * torch.rand(4, generator=gen).to(device)
+    label = torch.tensor([0, 2, 1, 2]).to(device)
 
     def loss(x, t, s, r):
         with torch.no_grad():
@@ -136,6 +138,27 @@ def test_torch_compile_traces_the_unet_emd_loss_without_graph_breaks(gen):
         F, g = emd_tangent(lambda xx, tt, ss: student(xx, tt, ss, label=label), x, t, s, v, r=r)
         return (F - g).square().mean()
 
+    return loss, student, (x, t, s, torch.tensor(0.5, device=device))
+
+
+def test_torch_compile_traces_the_unet_emd_loss_without_graph_breaks(gen):
+    # a graph break splits the compiled step into many small graphs and hides the speed-up
+    # (benchmarks/throughput.py --compile); dynamo's trace alone, no inductor codegen
+    loss, _, args = unet_emd_loss(gen)
     torch._dynamo.reset()
-    report = torch._dynamo.explain(loss)(x, t, s, torch.tensor(0.5))
+    report = torch._dynamo.explain(loss)(*args)
     assert report.graph_count == 1 and report.graph_break_count == 0, report.break_reasons
+
+
+@pytest.mark.gpu
+def test_compiled_unet_emd_loss_on_cuda_matches_eager(gen):
+    """`--model.compile true` on a GPU: the compiled loss and its gradients equal the eager ones."""
+    loss, student, args = unet_emd_loss(gen, "cuda")
+    want = loss(*args)
+    want_grads = torch.autograd.grad(want, list(student.parameters()))
+    torch._dynamo.reset()
+    got = torch.compile(loss, dynamic=False)(*args)
+    got_grads = torch.autograd.grad(got, list(student.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
