@@ -16,10 +16,16 @@ def make_unet(seed=0, **kw):
     return UNet(**cfg)
 
 
+def perturb(net, gen, scale=0.3):
+    """Adds noise to every weight, so the zero-initialised gains and branches are non-trivial."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+    return net
+
+
 def test_unet_flow_map_jvp_matches_central_difference(gen):
-    net = FlowMap(make_unet(), num_classes=3).double()
-    for p in net.parameters():  # the zero-initialised gains and branches must be non-trivial here
-        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    net = perturb(FlowMap(make_unet(), num_classes=3).double(), gen)
     assert any(b.num_heads for b in list(net.backbone.enc.values())[1:]), "attention is exercised"
     x = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
     t = 0.1 + 0.8 * torch.rand(4, generator=gen, dtype=torch.float64)
@@ -37,9 +43,7 @@ def test_unet_flow_map_jvp_matches_central_difference(gen):
 
 
 def test_student_from_unet_teacher_starts_at_teacher_velocity(gen):
-    teacher = FlowMap(make_unet(seed=1), s_embedding="none").double()
-    for p in teacher.parameters():
-        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    teacher = perturb(FlowMap(make_unet(seed=1), s_embedding="none").double(), gen)
     student = FlowMap(make_unet(seed=2)).double()
     student.init_from_teacher(teacher)
     x = torch.randn(3, 2, 8, 8, generator=gen, dtype=torch.float64)
@@ -79,9 +83,7 @@ def test_unet_rejects_bad_sizes():
 @pytest.mark.gpu
 def test_unet_jvp_on_cuda_matches_cpu_float64(gen):
     """On a GPU the forward may use fused attention; the JVP runs on the math kernel."""
-    net = FlowMap(make_unet(), num_classes=3).double()
-    for p in net.parameters():
-        p.data.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    net = perturb(FlowMap(make_unet(), num_classes=3).double(), gen)
     x = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
     t = 0.1 + 0.8 * torch.rand(4, generator=gen, dtype=torch.float64)
     s = 0.5 * t
@@ -101,10 +103,7 @@ def test_unet_jvp_on_cuda_matches_cpu_float64(gen):
 @pytest.mark.gpu
 def test_unet_jvp_under_cuda_bf16_autocast_stays_near_float32(gen):
     """`--trainer.precision bf16-mixed`: the forward and the JVP run and stay within bf16's error."""
-    net = FlowMap(make_unet(), num_classes=3)
-    for p in net.parameters():
-        p.data.add_(0.3 * torch.randn(p.shape, generator=gen))
-    net = net.cuda()
+    net = perturb(FlowMap(make_unet(), num_classes=3), gen).cuda()
     x, dx = (torch.randn(4, 2, 8, 8, generator=gen).cuda() for _ in range(2))
     t = (0.1 + 0.8 * torch.rand(4, generator=gen)).cuda()
     s, dt, ds = 0.5 * t, torch.ones_like(t), torch.zeros_like(t)
@@ -122,11 +121,9 @@ def unet_emd_loss(gen, device="cpu"):
     """An EMD loss of a U-Net student against a U-Net teacher, and its inputs."""
     from ayf.math.tangents import emd_tangent
 
-    teacher = FlowMap(make_unet(seed=1), s_embedding="none", num_classes=3).requires_grad_(False).to(device)
-    student = FlowMap(make_unet(seed=2), num_classes=3).to(device)
-    with torch.no_grad():  # non-zero gains, so the outputs and the tangent are not all zeros
-        for p in [*teacher.parameters(), *student.parameters()]:
-            p.add_(0.3 * torch.randn(p.shape, generator=gen).to(device))
+    teacher = perturb(FlowMap(make_unet(seed=1), s_embedding="none", num_classes=3), gen).requires_grad_(False)
+    student = perturb(FlowMap(make_unet(seed=2), num_classes=3), gen)
+    teacher, student = teacher.to(device), student.to(device)
     x = torch.randn(4, 2, 8, 8, generator=gen).to(device)
     t = (0.1 + 0.8 * torch.rand(4, generator=gen)).to(device)
     s = t * torch.rand(4, generator=gen).to(device)
