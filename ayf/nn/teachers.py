@@ -1,12 +1,13 @@
 """Teachers: frozen velocity models ``v_phi(x_t, t, label) -> (B, *D)`` in ayf's convention."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ayf.errors import ConfigError
+from ayf.errors import CheckpointError, ConfigError
 from ayf.math.analytic import MixtureOracle
 from ayf.math.guidance import guided_velocity
 from ayf.nn.flow_map import NULL_LABEL
@@ -75,6 +76,9 @@ class CheckpointTeacher(Teacher):
         super().__init__()
         from ayf.nn.io import load_network
 
+        if not os.path.isfile(ckpt_path):
+            raise CheckpointError(f"teacher checkpoint not found: {ckpt_path} (train a teacher with `ayf fit`, "
+                                  "or pass its path, e.g. --model.teacher.init_args.ckpt_path PATH)")
         self.net, meta = load_network(ckpt_path, use_ema=use_ema, kinds=("FlowMatching",))
         self.net.requires_grad_(False)
         self.data_shape = self.net.data_shape

@@ -87,7 +87,7 @@ class FlowMapDistillation(AyfTask):
         if self.guidance_range is not None and sample_guidance is None:
             sample_guidance = sum(self.guidance_range) / 2
         self.sample_guidance = sample_guidance
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "time_sampler", "teacher"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = net
         self.teacher = teacher.requires_grad_(False).eval()
         self.time_sampler = time_sampler or TimePairSampler()

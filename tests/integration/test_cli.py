@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,38 @@ def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
     assert "--solver euler or heun" in capsys.readouterr().err
     assert main(["sample", "--ckpt_path", teacher, "--solver", "heun", "--steps", "3", "--num_samples", "5", "--output", str(tmp_path / "t.npy")]) == 0
     assert np.load(tmp_path / "t.npy").shape == (5, 2)
+
+
+def printed_test_loss(out: str) -> float:
+    (value,) = re.findall(r"test/loss\s+(\S+)", out)
+    return float(value)
+
+
+def test_ayf_test_uses_the_teacher_and_time_sampler_the_student_was_distilled_with(tmp_path, capsys):
+    # the config's teacher is the analytic mixture; the student was distilled from a trained teacher
+    # given on the command line only, with another time sampler
+    cfg = os.path.join(ROOT, "configs", "toy")
+    assert main(tiny(tmp_path, f"{cfg}/teacher.yaml")) == 0
+    typed = ["--model.teacher", "ayf.nn.CheckpointTeacher", "--model.teacher.ckpt_path", last_ckpt(tmp_path, "teacher"),
+             "--model.time_sampler.init_args.p_mean", "0.5"]
+    assert main(tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=typed)) == 0
+    student = ["--ckpt_path", last_ckpt(tmp_path, "distill_emd")]
+    capsys.readouterr()
+    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=student)[1:]]) == 0
+    out, err = capsys.readouterr()
+    assert "model.init_args.teacher" in err and "model.init_args.time_sampler.init_args.p_mean" in err
+    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*typed, *student])[1:]]) == 0
+    assert printed_test_loss(out) == printed_test_loss(capsys.readouterr().out)
+    # a teacher typed on the command line still wins over the stored one
+    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*student, "--model.teacher",
+                                                                          "ayf.nn.MixtureTeacher"])[1:]]) == 0
+    assert printed_test_loss(capsys.readouterr().out) != printed_test_loss(out)
+    # the stored teacher moved away: one line naming it
+    teacher = last_ckpt(tmp_path, "teacher")
+    os.rename(teacher, teacher + ".moved")
+    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=student)[1:]]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ayf: error:")]
+    assert len(errors) == 1 and f"teacher checkpoint not found: {teacher}" in errors[0]
 
 
 def test_resume_keeps_model_options_typed_on_the_command_line(tmp_path, capsys):
