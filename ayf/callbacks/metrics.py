@@ -142,7 +142,8 @@ class FidelityMetrics(L.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"fidelity/{name}/{m}": v for name, res in results.items() for m, v in res.items()}, step=step)
-        record = {"step": step, "checkpoint": trainer.ckpt_path, "extractor": self.extractor.name,
+        record = {"step": step, "checkpoint": trainer.ckpt_path, "teacher": teacher_checkpoints(trainer.lightning_module),
+                  "extractor": self.extractor.name,
                   "guidance": getattr(trainer.lightning_module, "sample_guidance", None),
                   "num_samples": self.num_samples, "reference_count": len(self._real[0]), "results": results}
         log_dir = trainer.log_dir or trainer.default_root_dir
@@ -167,6 +168,15 @@ class FidelityMetrics(L.Callback):
     def on_test_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self._publish(trainer, self.evaluate(trainer, pl_module, with_teacher=True), periodic=False)
+
+
+def teacher_checkpoints(pl_module) -> list:
+    """Checkpoint paths of a distilled model's teacher networks (strong first, then a weak one),
+    so that a result file says which teacher its ``teacher_*`` rows and its student came from."""
+    teacher = getattr(pl_module, "teacher", None)
+    if teacher is None:
+        return []
+    return [m.ckpt_path for m in teacher.modules() if getattr(m, "ckpt_path", None)]
 
 
 def format_results(results: dict) -> str:

@@ -77,6 +77,7 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     record = json.loads(open(only(str(tmp_path / "teacher" / "version_1" / "fidelity.json"))).read())
     assert set(record["results"]) == {"euler_2", "euler_4", "heun_2", "heun_4"}
     assert record["step"] == 3  # the checkpoint's trained step, not the test trainer's 0
+    assert record["teacher"] == []
 
     student_cfg = tiny_config(tmp_path, "distill_emd.yaml", teacher=teacher_ckpt, every_n_steps=3, teacher_steps=[2, 4])
     assert main(["fit", "--config", student_cfg]) == 0
@@ -95,6 +96,7 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path):
     teacher_record = record
     record = json.loads(open(only(str(tmp_path / "distill_emd" / "version_1" / "fidelity.json"))).read())
     assert record["num_samples"] == 40 and record["reference_count"] == 72
+    assert record["checkpoint"] == student_ckpt and record["teacher"] == [teacher_ckpt]
     assert set(record["results"]) == {"flow_map_1", "flow_map_2", "flow_map_4", "flow_map_8", "teacher_euler_2",
                                       "teacher_euler_4", "teacher_heun_2", "teacher_heun_4"}
     # the teacher rows beside the student are the teacher's own `ayf test` (same noise, labels, weights)
