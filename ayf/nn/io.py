@@ -8,11 +8,12 @@ import torch
 from ayf.errors import CheckpointError
 
 
-def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool = False):
+def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool = False, hint: str = None):
     """``torch.load`` on CPU of a file that ``writer`` wrote; a missing, unreadable or foreign
-    file (``accept(obj)`` false) is a one-line CheckpointError."""
+    file (``accept(obj)`` false) is a one-line CheckpointError. ``hint``: what a missing file's
+    message tells the user to do (default: write one with ``writer``)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{what} not found: {path} (write one with `{writer}`)")
+        raise CheckpointError(f"{what} not found: {path} ({hint or f'write one with `{writer}`'})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
@@ -26,9 +27,9 @@ def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool 
 FLOW_MAP_KINDS = ("FlowMapDistillation", "AdversarialFinetuning")
 
 
-def read_checkpoint(path: str) -> dict:
-    """Loads a checkpoint written by ``ayf fit`` on CPU."""
-    return load_ayf_file(path, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit")
+def read_checkpoint(path: str, what: str = "checkpoint", hint: str = None) -> dict:
+    """Loads a checkpoint written by ``ayf fit`` on CPU (``what``/``hint``: see :func:`load_ayf_file`)."""
+    return load_ayf_file(path, what, lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", hint=hint)
 
 
 def build_network(config: dict):
@@ -51,12 +52,13 @@ def ema_weights(ckpt: dict):
     return None
 
 
-def load_network(path: str, use_ema: bool = True, kinds=None):
+def load_network(path: str, use_ema: bool = True, kinds=None, what: str = "checkpoint", hint: str = None):
     """Returns ``(net, meta)`` for a checkpoint, net in eval mode.
 
-    kinds: accepted task names (e.g. ``("FlowMapDistillation",)``); others raise CheckpointError.
+    kinds: accepted task names (e.g. ``("FlowMatching",)``); others raise CheckpointError.
+    what, hint: how errors name the file, and what a missing one's message says to do.
     """
-    return network_from_checkpoint(read_checkpoint(path), path, use_ema, kinds)
+    return network_from_checkpoint(read_checkpoint(path, what, hint), path, use_ema, kinds)
 
 
 def network_from_checkpoint(ckpt: dict, path: str, use_ema: bool = True, kinds=None):

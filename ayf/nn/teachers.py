@@ -1,13 +1,12 @@
 """Teachers: frozen velocity models ``v_phi(x_t, t, label) -> (B, *D)`` in ayf's convention."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ayf.errors import CheckpointError, ConfigError
+from ayf.errors import ConfigError
 from ayf.math.analytic import MixtureOracle
 from ayf.math.guidance import guided_velocity
 from ayf.nn.flow_map import NULL_LABEL
@@ -76,10 +75,9 @@ class CheckpointTeacher(Teacher):
         super().__init__()
         from ayf.nn.io import load_network
 
-        if not os.path.isfile(ckpt_path):
-            raise CheckpointError(f"teacher checkpoint not found: {ckpt_path} (train a teacher with `ayf fit`, "
-                                  "or pass its path, e.g. --model.teacher.init_args.ckpt_path PATH)")
-        self.net, meta = load_network(ckpt_path, use_ema=use_ema, kinds=("FlowMatching",))
+        self.net, meta = load_network(ckpt_path, use_ema=use_ema, kinds=("FlowMatching",), what="teacher checkpoint",
+                                      hint="train a teacher with `ayf fit`, or pass its path, e.g. "
+                                      "--model.teacher.init_args.ckpt_path PATH")
         self.net.requires_grad_(False)
         self.data_shape = self.net.data_shape
         self.num_classes = self.net.num_classes
