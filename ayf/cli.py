@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-HELP = """usage: ayf {fit,validate,test,sample,shards,features} [options]
+HELP = """usage: ayf {fit,validate,test,sample,shards,features,upgrade} [options]
 
 Align Your Flow: distil diffusion / flow-matching teachers into few-step flow maps.
 
@@ -16,6 +16,7 @@ subcommands:
   sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
   shards     write an image dataset as WebDataset shards: ayf shards digits --output data/digits
   features   train the classifier feature extractor used by FD/KID/PR: ayf features fit --help
+  upgrade    convert a checkpoint written by an older ayf: ayf upgrade OLD.ckpt NEW.ckpt
 
 `ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.
 Tasks: ayf.tasks.FlowMatching, ayf.tasks.FlowMapDistillation (guided with ayf.nn.GuidedTeacher),
@@ -23,11 +24,14 @@ ayf.tasks.AdversarialFinetuning; `--guidance LAM` sets the guidance scale used f
 Data: ayf.data.GaussianMixture (toy), ayf.data.ImageShards (WebDataset shards written by `ayf shards`).
 Configs: configs/{toy,digits,fashion_mnist}.
 `ayf test` with the ayf.callbacks.FidelityMetrics callback writes FD / KID / precision / recall to
-<log_dir>/fidelity.json.
+<log_dir>/fidelity.json, where <log_dir> is a NEW version folder of the test run's logger
+(<save_dir>/<name>/version_N), not the folder of the tested checkpoint; the path is printed at the
+end, and `--trainer.callbacks+=...` or FidelityMetrics' `output` choose another file.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test")
-TOOLS = {"sample": "ayf.sample", "shards": "ayf.make_shards", "features": "ayf.metrics.features"}
+TOOLS = {"sample": "ayf.sample", "shards": "ayf.make_shards", "features": "ayf.metrics.features",
+         "upgrade": "ayf.checkpoints"}
 
 
 def _lightning_cli(args):
@@ -35,6 +39,8 @@ def _lightning_cli(args):
     from lightning.pytorch.cli import LightningCLI
 
     from ayf.callbacks.progress import ProgressBar
+    from ayf.checkpoints import refuse_old_layout
+    from ayf.ckpt_args import keep_typed_model_args
     from ayf.tasks.base import AyfTask
 
     class AyfCLI(LightningCLI):
@@ -54,9 +60,11 @@ def _lightning_cli(args):
             super().parse_arguments(parser, args)
 
         def _parse_ckpt_path(self):
-            # Lightning replaces the model's arguments with the hyperparameters stored in --ckpt_path.
-            # That keeps a resumed run what it was, but it also drops `--model.*` options typed on the
-            # command line; those are put back, and the config-file values replaced are named.
+            # Lightning drops `--model.*` options typed with --ckpt_path (Lightning-AI/pytorch-lightning#21455):
+            # ayf.ckpt_args puts them back. A checkpoint of an older ayf layout is refused first.
+            sub = self.config.get("subcommand")
+            if sub is not None and self.config[sub].get("ckpt_path"):
+                refuse_old_layout(self.config[sub]["ckpt_path"])
             before = self.config.clone()
             super()._parse_ckpt_path()
             sub = self.config.get("subcommand")
@@ -86,50 +94,6 @@ def _lightning_cli(args):
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": False},
     )
-
-
-def typed_keys(argv, group="model"):
-    """Dotted keys of the ``--model...`` options in ``argv`` (``--model.lr=1`` and ``--model.lr 1``)."""
-    keys = []
-    for token in argv:
-        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
-        if key == group or key.startswith(group + "."):
-            keys.append(key)
-    return keys
-
-
-def stored_key(ns, key):
-    """``key`` as the parsed namespace ``ns`` stores it, or None: ``model.teacher.ckpt_path`` may be
-    stored as ``model.init_args.teacher.init_args.ckpt_path``."""
-    node, path = ns, []
-    for part in key.split("."):
-        fields = vars(node) if hasattr(node, "__dict__") else {}
-        if part not in fields and hasattr(fields.get("init_args"), "__dict__"):
-            path.append("init_args")
-            fields = vars(fields["init_args"])
-        if part not in fields:
-            return None
-        path.append(part)
-        node = fields[part]
-    return ".".join(path)
-
-
-def keep_typed_model_args(typed_ns, merged, argv):
-    """Puts the ``--model.*`` values of ``argv`` (as parsed into ``typed_ns``) back into ``merged``, the
-    config after the checkpoint's hyperparameters replaced them, and prints one note naming the
-    config-file values that the checkpoint's replaced."""
-    kept = []
-    for key in typed_keys(argv):
-        path = stored_key(typed_ns, key)
-        if path is not None:
-            merged[path] = typed_ns[path]
-            kept.append(path)
-    old, new = dict(typed_ns.model.items()), dict(merged.model.items())
-    replaced = [f"model.{k}" for k in old if k in new and old[k] != new[k]
-                and not any(f"model.{k}.".startswith(p + ".") for p in kept)]
-    if replaced:
-        print(f"ayf: note: the checkpoint's hyperparameters replace the config's {', '.join(sorted(replaced))}; "
-              "give --model.* options on the command line to change them", file=sys.stderr)
 
 
 def main(args=None) -> int:

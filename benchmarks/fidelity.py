@@ -20,11 +20,12 @@ import time
 
 import torch
 
+from ayf.checkpoints import load_network
 from ayf.cli import main as ayf_main
-from ayf.math.samplers import sample_euler, sample_flow_map, sample_heun
+from ayf.math.samplers import sample_euler, sample_heun
 from ayf.math.times import time_grid
 from ayf.metrics.toy import data_row, exact_endpoints, fidelity_row, format_table, load_mixture
-from ayf.nn.io import load_network
+from ayf.sampling import generate
 
 RUNS = {  # name -> (config, extra CLI overrides)
     "emd": ("distill_emd", []),
@@ -63,7 +64,7 @@ def evaluate(out, names, n=4000, seed=123):
     exact = exact_endpoints(oracle, noise)
     reference = oracle.sample(4000, generator=gen)
     rows = [dict(model="data", N="-", **data_row(oracle, n, exact, reference, gen))]
-    v_fn = lambda x, t: oracle.velocity(x.double(), t.double()).float()  # noqa: E731
+    v_fn = lambda x, t, cond=None: oracle.velocity(x.double(), t.double()).float()  # noqa: E731
     for N in STEPS:
         rows.append(dict(model="teacher Euler", N=N, **fidelity_row(oracle, sample_euler(v_fn, noise, time_grid(N).float()), exact, reference)))
         if N >= 2:
@@ -72,8 +73,7 @@ def evaluate(out, names, n=4000, seed=123):
         net, meta = load_network(last_ckpt(out, name), kinds=("FlowMapDistillation",))
         gamma = 1.0 if meta.get("objective") == "consistency" else 0.0
         for N in STEPS:
-            x = sample_flow_map(lambda a, t, s, m=net: m(a, t, s), noise, time_grid(N).float(), gamma=gamma,
-                                generator=torch.Generator().manual_seed(seed))
+            x = generate(net, noise, N, gamma=gamma, generator=torch.Generator().manual_seed(seed))
             rows.append(dict(model=name, N=N, **fidelity_row(oracle, x, exact, reference)))
     return rows
 

@@ -1,4 +1,4 @@
-"""Guidance benchmark on the toy mixture, whose true density is known (spec section 6).
+"""Guidance benchmark on the toy mixture, whose true density is known (docs/maths.md §6).
 
 Trains a class-conditional teacher with label dropout (configs/toy/teacher_cond.yaml), a weak
 teacher of the same task (teacher_weak.yaml), and two guided AYF-EMD students
@@ -24,13 +24,11 @@ import time
 
 import torch
 
+from ayf.checkpoints import load_network
 from ayf.cli import main as ayf_main
-from ayf.math.guidance import guided_velocity
-from ayf.math.samplers import sample_euler, sample_flow_map
-from ayf.math.times import time_grid
 from ayf.metrics.toy import class_oracles, load_classes, load_mixture, mode_recall, write_report
-from ayf.nn.flow_map import NULL_LABEL
-from ayf.nn.io import load_network
+from ayf.nn import Cond, GuidedTeacher, NetTeacher
+from ayf.sampling import generate
 
 DATA = "configs/toy/data.yaml"
 
@@ -89,34 +87,28 @@ def evaluate(out, n=8000, seed=7, lams=(1.0, 2.0, 3.0), weak_ckpts=()):
     noise = torch.randn(n, 2, generator=gen)
     rows = [dict(samples="data", lam="", **score(oracle, per_class, data, label))]
     panels = {"data": data}
-    strong, _ = load_network(last_ckpt(out, "teacher_cond"))
-    weak, _ = load_network(last_ckpt(out, "teacher_weak"))
-    uncond = torch.full_like(label, NULL_LABEL)
-    teachers = {
-        "autoguidance": lambda x, t, lam: guided_velocity(strong.velocity(x, t, label=label), weak.velocity(x, t, label=label), lam),
-        "cfg": lambda x, t, lam: guided_velocity(strong.velocity(x, t, label=label), strong.velocity(x, t, label=uncond), lam),
-    }
-    grid64, grid4 = time_grid(64), time_grid(4)
+    strong, meta = load_network(last_ckpt(out, "teacher_cond"))
+    strong = NetTeacher(strong, unconditional=bool(meta.get("label_dropout")))
+    weak = NetTeacher(load_network(last_ckpt(out, "teacher_weak"))[0])
+    teachers = {"autoguidance": GuidedTeacher(strong, weak), "cfg": GuidedTeacher(strong)}
     for kind in ("autoguidance", "cfg"):
         student, _ = load_network(last_ckpt(out, f"distill_{kind}"))
         for lam in lams:
-            v = teachers[kind]
-            teacher_x = sample_euler(lambda x, t, lam=lam, v=v: v(x, t, lam), noise, grid64)
+            cond = Cond.build(n, label=label, lam=lam)
+            teacher_x = generate(teachers[kind], noise, 64, cond, solver="euler")
             rows.append(dict(samples=f"{kind} teacher, Euler 64", lam=lam, **score(oracle, per_class, teacher_x, label)))
-            lam_t = torch.full((n,), lam)
-            F_fn = lambda x, t, s, lam_t=lam_t, net=student: net(x, t, s, label=label, guidance=lam_t)  # noqa: E731
-            x4 = sample_flow_map(F_fn, noise, grid4)
+            x4 = generate(student, noise, 4, cond)
             rows.append(dict(samples=f"{kind} student, 4 steps", lam=lam, **score(oracle, per_class, x4, label)))
             if lam != 1.0:
                 panels[f"{kind}, 4 steps, lam {lam:g}"] = x4
             else:
                 panels.setdefault("no guidance (lam 1), 4 steps", x4)
     for path in weak_ckpts:  # the autoguided teacher with other weak models
-        other, _ = load_network(path)
+        other = GuidedTeacher(strong, NetTeacher(load_network(path)[0]))
         for lam in lams[1:]:
-            v = lambda x, t, lam=lam, w=other: guided_velocity(strong.velocity(x, t, label=label), w.velocity(x, t, label=label), lam)  # noqa: E731
+            x = generate(other, noise, 64, Cond.build(n, label=label, lam=lam), solver="euler")
             rows.append(dict(samples=f"teacher autoguided by {os.path.basename(path)}, Euler 64", lam=lam,
-                             **score(oracle, per_class, sample_euler(v, noise, grid64), label)))
+                             **score(oracle, per_class, x, label)))
     return rows, panels
 
 

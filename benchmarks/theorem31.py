@@ -41,10 +41,10 @@ def main():
     data = oracle.sample(args.n, generator=gen)
     rows = []
     for delta in (0.0, args.delta, -args.delta):
-        def F_cm(x, t, s, d=delta):  # s = 0 under gamma = 1: F = (x - f) / t
+        def F_cm(x, t, s, cond=None, d=delta):  # s = 0 under gamma = 1: F = (x - f) / t
             return (x - (1 + d) * oracle.consistency_model(x, t)) / t[:, None]
 
-        def F_fm(x, t, s, d=delta):  # f = (1 + d (t - s)) f*  <=>  F = F* - d f*
+        def F_fm(x, t, s, cond=None, d=delta):  # f = (1 + d (t - s)) f*  <=>  F = F* - d f*
             return oracle.average_velocity(x, t, s) - d * oracle.flow_map(x, t, s)
 
         for N in STEPS:

@@ -32,7 +32,7 @@ from ayf.math.path import interpolate
 from ayf.math.samplers import sample_flow_map
 from ayf.math.tangents import emd_tangent
 from ayf.math.times import TimePairSampler, time_grid
-from ayf.nn import FlowMap, UNet
+from ayf.nn import Cond, FlowMap, UNet
 
 # the networks of configs/digits and configs/fashion_mnist
 SIZES = {
@@ -96,10 +96,12 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
     label = torch.randint(0, 10, (batch,), device=device)
     r = torch.tensor(0.5, device=device)
 
-    def F_s(x, tt, ss):
-        return student(x, tt, ss, label=label)
+    cond = Cond(label=label)
 
-    T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, label=label))
+    def F_s(x, tt, ss, _=None):
+        return student(x, tt, ss, cond)
+
+    T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, cond))
     error = tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision) if precision != "fp32" else None
     torch._dynamo.reset()  # a fresh cache per row: shapes carried over from a row before would compile dynamic ones
     fm, emd = (torch.compile(fn, dynamic=False) if compiled else fn for fn in (fm_loss, emd_loss))
@@ -138,8 +140,8 @@ def tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision: 
 
     def tangent():
         with torch.no_grad():
-            v = teacher(x_t, t, None, label=label)
-        return emd_tangent(lambda x, tt, ss: student(x, tt, ss, label=label), x_t, t, s, v, r=r)[1].float()
+            v = teacher(x_t, t, None, Cond(label=label))
+        return emd_tangent(student, x_t, t, s, v, r=r, cond=Cond(label=label))[1].float()
 
     g32 = tangent()
     with autocast(device, precision):

@@ -19,7 +19,7 @@ teacher=$(ls -t "$DEMO"/teacher/version_*/checkpoints/last.ckpt | head -n1)
 
 echo "== 2/4 student: AYF-EMD distillation of $teacher"
 $AYF fit --config configs/toy/distill_emd.yaml "${common[@]}" --trainer.max_steps 2500 \
-  --model.teacher ayf.nn.CheckpointTeacher --model.teacher.ckpt_path "$teacher"
+  --model.teacher ayf.checkpoints.CheckpointTeacher --model.teacher.ckpt_path "$teacher"
 student=$(ls -t "$DEMO"/distill_emd/version_*/checkpoints/last.ckpt | head -n1)
 
 echo "== 3/4 sampling 1, 2, 4, 8 steps from the same noise"

@@ -7,6 +7,8 @@ import copy
 import lightning as L
 import torch
 
+from ayf.checkpoints import EMA_STATE_KEY
+
 
 class EMA(L.Callback):
     """Keeps ``ema <- d * ema + (1 - d) * net`` with ``d = min(decay, (1 + k) / (10 + k))`` at
@@ -31,7 +33,7 @@ class EMA(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return "EMA"
+        return EMA_STATE_KEY  # the checkpoint layer finds the EMA weights under this key
 
     def _ensure(self, pl_module):
         if self.ema is None:

@@ -8,39 +8,7 @@ import torch
 
 from ayf.callbacks.ema import sampling_weights
 from ayf.callbacks.plots import fixed_inputs, publish_figure
-
-
-def tile(images: torch.Tensor, cols: int) -> torch.Tensor:
-    """``(N, C, H, W)`` in [-1, 1] -> one ``(H', W', C)`` float image in [0, 1], 1-pixel gaps."""
-    n, c, h, w = images.shape
-    rows = -(-n // cols)
-    canvas = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
-    imgs = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]
-    return canvas.permute(1, 2, 0)
-
-
-def grid_figure(panels: dict, cols: int, title: str = ""):
-    """One tiled panel per entry ``{name: (N, C, H, W) in [-1, 1]}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tiles = {name: tile(imgs, cols) for name, imgs in panels.items()}
-    n, (h, w) = len(tiles), next(iter(tiles.values())).shape[:2]
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2 * h / w + 0.7), squeeze=False)
-    for ax, (name, img) in zip(axes[0], tiles.items(), strict=True):
-        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+from ayf.figures import grid_figure
 
 
 class ImageGrid(L.Callback):

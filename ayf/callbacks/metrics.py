@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from ayf.callbacks.ema import sampling_weights
-from ayf.data.shards import to_uint8
 from ayf.errors import ConfigError
+from ayf.figures import to_uint8
 from ayf.math.samplers import ODE_SOLVERS
 from ayf.metrics.features import FeatureExtractor
 from ayf.metrics.fidelity import fidelity_metrics, reference_features

@@ -2,37 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List
 
 import lightning as L
 import torch
 
 from ayf.callbacks.ema import sampling_weights
-
-
-def scatter_figure(panels: dict, title: str = "", lim: Optional[float] = None):
-    """One square scatter panel per entry ``{name: (N, >=2) array}`` (first two coordinates)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
-    for ax, (name, pts) in zip(axes[0], panels.items(), strict=True):
-        pts = torch.as_tensor(pts).float().cpu()
-        y = pts[:, 1] if pts.shape[1] > 1 else torch.zeros(len(pts))
-        ax.scatter(pts[:, 0], y, s=1, alpha=0.4, linewidths=0)
-        ax.set_title(name, fontsize=9)
-        if lim is not None:
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=6)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+from ayf.figures import scatter_figure
 
 
 class SamplePlot(L.Callback):

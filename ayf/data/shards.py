@@ -24,22 +24,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ayf.errors import ConfigError
+from ayf.figures import to_model_units, to_uint8  # noqa: F401  (re-exported)
 
 MANIFEST = "manifest.json"
 FORMAT = "ayf-shards/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def to_model_units(images_u8):
-    """uint8 pixels -> model units in [-1, 1]: ``x = u / 127.5 - 1`` (works on numpy and torch)."""
-    return images_u8 / 127.5 - 1.0
-
-
-def to_uint8(x):
-    """Model units -> uint8 pixels, the inverse of :func:`to_model_units` (rounded, clamped; torch)."""
-    import torch
-
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def read_manifest(folder) -> dict:

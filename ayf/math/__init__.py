@@ -1,6 +1,6 @@
 """Pure tensor maths of Align Your Flow (Sabour, Fidler, Kreis 2025).
 
-Everything here imports torch only. Time convention (spec section 1): ``t = 0`` is data,
+Everything here imports torch only. Time convention (docs/maths.md §1): ``t = 0`` is data,
 ``t = 1`` is noise, ``x_t = (1 - t) x0 + t eps`` and the velocity is ``E[eps - x0 | x_t]``.
 """
 from ayf.math.analytic import GaussianOracle, MixtureOracle

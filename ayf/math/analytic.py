@@ -1,4 +1,4 @@
-"""Closed-form oracles: Gaussian and isotropic Gaussian-mixture data (spec section 8).
+"""Closed-form oracles: Gaussian and isotropic Gaussian-mixture data (docs/maths.md §8).
 
 For data ``x0 ~ N(mu, c^2 I)`` the noisy marginal is ``N((1 - t) mu, var(t) I)`` with
 ``var(t) = (1 - t)^2 c^2 + t^2``; the exact flow map is affine (Sabour et al. 2025, Thm. 3.1).
@@ -33,7 +33,7 @@ class GaussianOracle:
     def _centre(self, x, t):
         return (1 - bcast(t, x)) * self.mean.to(x)
 
-    def velocity(self, x, t):
+    def velocity(self, x, t, cond=None):
         """``v = -mu + var'(t) / (2 var(t)) (x - (1 - t) mu)``."""
         c2 = self.std**2
         d_var = -2 * (1 - t) * c2 + 2 * t
@@ -44,7 +44,7 @@ class GaussianOracle:
         scale = torch.sqrt(self.var(s) / self.var(t))
         return self._centre(x, s) + bcast(scale, x) * (x - self._centre(x, t))
 
-    def average_velocity(self, x, t, s):
+    def average_velocity(self, x, t, s, cond=None):
         """Exact ``F*(x, t, s) = (f* - x) / (s - t)``, with ``F*(x, t, t) = v(x, t)``."""
         return average_velocity_of_map(self.flow_map, self.velocity, x, t, s)
 
@@ -110,7 +110,7 @@ class MixtureOracle:
         joint, *_ = self._posterior(x, t)
         return torch.logsumexp(joint, dim=1)
 
-    def velocity(self, x, t):
+    def velocity(self, x, t, cond=None):
         """``v(x, t) = sum_k p(k | x_t) [(t - (1 - t) sigma_k^2) r_k / var_k(t) - mu_k]``."""
         joint, var, resid, t = self._posterior(x, t)
         post = torch.softmax(joint, dim=1)  # (B, K)
@@ -142,7 +142,7 @@ class MixtureOracle:
             tau = tau + h
         return x
 
-    def average_velocity(self, x, t, s, steps: int = 256):
+    def average_velocity(self, x, t, s, cond=None, steps: int = 256):
         """``F*(x, t, s)``; equals the velocity where ``s = t``."""
         flow_map = lambda a, b, c: self.flow_map(a, b, c, steps)  # noqa: E731
         return average_velocity_of_map(flow_map, self.velocity, x.double(), t, s)

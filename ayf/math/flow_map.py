@@ -1,4 +1,4 @@
-"""The flow-map parametrisation ``f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)`` (spec section 2)."""
+"""The flow-map parametrisation ``f(x_t, t, s) = x_t + (s - t) F(x_t, t, s)`` (docs/maths.md §2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Guided velocities (spec section 6)."""
+"""Guided velocities (docs/maths.md §6)."""
 from __future__ import annotations
 
 import torch

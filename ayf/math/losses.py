@@ -1,4 +1,4 @@
-"""Losses (spec sections 3 and 7). Each returns per-example values ``(B,)``; callers reduce."""
+"""Losses (docs/maths.md §3 and §7). Each returns per-example values ``(B,)``; callers reduce."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +17,7 @@ def flow_matching_loss(v_pred: torch.Tensor, v_target: torch.Tensor) -> torch.Te
 
 
 def flow_map_loss(F: torch.Tensor, g: torch.Tensor, t, s, weighting: str = "none"):
-    """AYF flow-map regression ``|| F - stopgrad(F- + g) ||^2 / D`` per example (spec 3, step 6).
+    """AYF flow-map regression ``|| F - stopgrad(F- + g) ||^2 / D`` per example (docs/maths.md §3, step 6).
 
     F: student prediction with graph, ``(B, *D)``; g: (normalised) tangent, ``(B, *D)``.
     weighting: ``none`` keeps the F-space target; ``f_space`` multiplies by ``(t - s)^2``, the
@@ -34,7 +34,7 @@ def flow_map_loss(F: torch.Tensor, g: torch.Tensor, t, s, weighting: str = "none
 
 
 def adaptive_weighted_loss(per_example: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """sCM-style learned weighting ``exp(w) * L - w`` (Lu & Song 2024; spec section 3, step 6).
+    """sCM-style learned weighting ``exp(w) * L - w`` (Lu & Song 2024; docs/maths.md §3, step 6).
 
     per_example: ``||.||^2 / D`` ``(B,)``; logvar: ``w_psi(t, s)`` ``(B,)``.
     """
@@ -42,12 +42,12 @@ def adaptive_weighted_loss(per_example: torch.Tensor, logvar: torch.Tensor) -> t
 
 
 def rpgan_generator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """Relativistic pairing GAN generator loss ``softplus(D(x_real) - D(x_fake))`` (spec 7)."""
+    """Relativistic pairing GAN generator loss ``softplus(D(x_real) - D(x_fake))`` (docs/maths.md §7)."""
     return nnf.softplus(d_real - d_fake)
 
 
 def rpgan_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """Relativistic pairing GAN discriminator loss ``softplus(D(x_fake) - D(x_real))`` (spec 7)."""
+    """Relativistic pairing GAN discriminator loss ``softplus(D(x_fake) - D(x_real))`` (docs/maths.md §7)."""
     return nnf.softplus(d_fake - d_real)
 
 

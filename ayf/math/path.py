@@ -1,4 +1,4 @@
-"""The interpolation path and unit conversions (spec section 1)."""
+"""The interpolation path and unit conversions (docs/maths.md §1)."""
 from __future__ import annotations
 
 import torch
@@ -34,7 +34,7 @@ def edm_denoiser_to_velocity(denoiser, x_t: torch.Tensor, t: torch.Tensor, *args
     """Velocity of an EDM/EDM2 denoiser ``D(x; sigma)`` in ayf's time convention.
 
     ``sigma = t / (1 - t)``, ``x0_hat = D(x_t / (1 - t); sigma)``, ``v = (x_t - x0_hat) / t``.
-    Exact for ``0 < t < 1``; needs no training (spec section 1).
+    Exact for ``0 < t < 1``; needs no training (docs/maths.md §1).
     """
     tb = bcast(t, x_t)
     x0_hat = denoiser(x_t / (1 - tb), t_to_sigma(t), *args, **kwargs)

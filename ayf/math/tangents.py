@@ -1,7 +1,7 @@
-"""AYF-EMD and AYF-LMD tangents by forward-mode differentiation (spec sections 3 and 4).
+"""AYF-EMD and AYF-LMD tangents by forward-mode differentiation (docs/maths.md §3 and §4).
 
-``F_fn(x, t, s) -> F`` is the student's average velocity with every other condition (class
-label, guidance scale) closed over. The JVP runs in the dtype of its inputs; train in float32 or
+``F_fn(x, t, s, cond) -> F`` is the student's average velocity; ``cond`` (class label, guidance
+scale) is held fixed: the JVP differentiates in x, t and s only. The JVP runs in the dtype of its inputs; train in float32 or
 bfloat16 autocast at your own risk, test in float64.
 
 The JVP runs without an autograd graph (theta- = stopgrad(theta)); when grad is enabled the
@@ -18,28 +18,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ayf.math.flow_map import bcast
 
-FFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+FFn = Callable[..., torch.Tensor]
 
 
-def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds):
-    """``F-, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))`` without autograd graph.
+def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None):
+    """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))`` without autograd graph.
 
     x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached. Attention
     (``scaled_dot_product_attention``) runs on its math kernel here: fused kernels lack
     forward-mode rules.
     """
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-        F, dF = jvp(F_fn, (x, t, s), (dx, dt, ds))
+        F, dF = jvp(lambda a, b, c: F_fn(a, b, c, cond), (x, t, s), (dx, dt, ds))
     return F, dF
 
 
-def _with_graph(F_fn, x, t, s, F_minus):
+def _with_graph(F_fn, x, t, s, cond, F_minus):
     """The trainable prediction: a graph-carrying forward when grad is on, else F- itself."""
-    return F_fn(x, t, s) if torch.is_grad_enabled() else F_minus
+    return F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
 
 
-def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0):
-    """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; spec section 3, steps 2-4).
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None):
+    """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
     fixed) and ``g = (v - F-) + r (s - t) dF/dt``, which equals ``d/dt f(x_t, t, s)`` at r = 1
@@ -47,33 +47,33 @@ def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0):
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s))
+    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond)
     g = (v - F_minus) + r * bcast(s - t, x_t) * dF_dt
-    return _with_graph(F_fn, x_t, t, s, F_minus), g
+    return _with_graph(F_fn, x_t, t, s, cond, F_minus), g
 
 
-def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s):
-    """AYF-LMD tangent (Sabour et al. 2025; spec section 4).
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None):
+    """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
     ``df/ds = F- + (s - t) dF/ds``; then ``g = v_phi(f-, s) - df/ds``, zero at the exact map.
-    velocity_fn(x, s) is the (guided) teacher, called without grad.
+    velocity_fn(x, s, cond) is the (guided) teacher, called without grad.
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F_minus, dF_ds = jvp_average_velocity(
-        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)
+        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s), cond
     )
     gap = bcast(s - t, x_t)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():
-        v_end = velocity_fn(f_minus, s)
+        v_end = velocity_fn(f_minus, s, cond)
     g = v_end - (F_minus + gap * dF_ds)
-    return _with_graph(F_fn, x_t, t, s, F_minus), g
+    return _with_graph(F_fn, x_t, t, s, cond, F_minus), g
 
 
 def normalize_tangent(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:
-    """Per-example tangent normalisation ``g / (||g||_2 + c)`` (spec section 3, step 5).
+    """Per-example tangent normalisation ``g / (||g||_2 + c)`` (docs/maths.md §3, step 5).
 
     ``c <= 0`` disables it. The norm runs over all non-batch dimensions.
     """
@@ -84,7 +84,7 @@ def normalize_tangent(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:
 
 
 def warmup_ratio(step: int, horizon: int, r_max: float = 0.99) -> float:
-    """Tangent warmup ``r = min(r_max, step / H)`` (spec section 3, step 3); never above r_max.
+    """Tangent warmup ``r = min(r_max, step / H)`` (docs/maths.md §3, step 3); never above r_max.
 
     ``horizon <= 0`` means no warmup (r = r_max from the first step).
     """

@@ -1,4 +1,4 @@
-"""Training time pairs and sampling grids (spec section 5)."""
+"""Training time pairs and sampling grids (docs/maths.md §5)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +17,7 @@ class TimePairSampler:
 
     ``t = sigmoid(N(p_mean, p_std))``, ``s ~ U(0, t)``; then a share of examples is set to
     the one-step pair (t = 1 and s = 0 separately, so both ends are seen often) and a share to
-    ``s = t`` (flow matching). With ``s_zero_only`` every s is 0 (consistency model).
+    ``s = t`` (flow matching).
 
     Args:
         p_mean: mean of the logit-normal for t.
@@ -25,7 +25,6 @@ class TimePairSampler:
         p_t_one: share of examples with t = 1 (pure noise).
         p_s_zero: share of examples with s = 0 (jump to data).
         p_diagonal: share of examples with s = t (the flow-matching limit).
-        s_zero_only: always use s = 0 (consistency-model training).
     """
 
     def __init__(
@@ -35,7 +34,6 @@ class TimePairSampler:
         p_t_one: float = 0.1,
         p_s_zero: float = 0.1,
         p_diagonal: float = 0.0,
-        s_zero_only: bool = False,
     ):
         for name, p in (("p_t_one", p_t_one), ("p_s_zero", p_s_zero), ("p_diagonal", p_diagonal)):
             if not 0.0 <= p <= 1.0:
@@ -44,7 +42,6 @@ class TimePairSampler:
             raise ValueError(f"p_std must be positive, got {p_std}")
         self.p_mean, self.p_std = p_mean, p_std
         self.p_t_one, self.p_s_zero, self.p_diagonal = p_t_one, p_s_zero, p_diagonal
-        self.s_zero_only = s_zero_only
 
     def __call__(self, batch: int, generator=None, device=None, dtype=torch.float32):
         """Returns ``(t, s)``, each ``(B,)``."""
@@ -56,8 +53,6 @@ class TimePairSampler:
         s = t * u()
         s = torch.where(u() < self.p_s_zero, torch.zeros_like(s), s)
         s = torch.where(u() < self.p_diagonal, t, s)
-        if self.s_zero_only:
-            s = torch.zeros_like(s)
         return t, s
 
 

@@ -117,7 +117,7 @@ class ClassifierFeatures(FeatureExtractor, nn.Module):
 
     def __init__(self, path: str):
         nn.Module.__init__(self)
-        from ayf.nn.io import load_ayf_file
+        from ayf.checkpoints import load_ayf_file
 
         blob = load_ayf_file(path, "classifier feature extractor",
                              lambda b: isinstance(b, dict) and b.get("kind") == "ayf-classifier",

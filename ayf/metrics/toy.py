@@ -93,7 +93,7 @@ def write_report(out, name, rows, columns, panels, title, figure=None, floatfmt=
     import json
     import os
 
-    from ayf.callbacks.plots import scatter_figure
+    from ayf.figures import scatter_figure
 
     table = format_table(rows, columns, floatfmt)
     os.makedirs(out, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Discriminators for adversarial finetuning (spec section 7): ``D(x, label) -> (B,)`` logits.
+"""Discriminators for adversarial finetuning (docs/maths.md §7): ``D(x, label) -> (B,)`` logits.
 
 The image discriminator follows StyleGAN2's residual layout (Karras et al. 2020): a 1x1
 input layer, residual blocks that halve the resolution down to 4x4, a minibatch standard

@@ -1,5 +1,5 @@
 """Smooth scalar embeddings (times, guidance scale). Smoothness matters: the JVP differentiates
-them, so they take t directly, never log-sigma (spec section 2)."""
+them, so they take t directly, never log-sigma (docs/maths.md §2)."""
 from __future__ import annotations
 
 import math

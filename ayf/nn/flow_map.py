@@ -1,4 +1,4 @@
-"""The FlowMap wrapper: owns time conditioning and the parametrisation (spec section 2)."""
+"""The FlowMap wrapper: owns time conditioning and the parametrisation (docs/maths.md §2)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,16 +8,17 @@ from torch import nn
 
 from ayf.errors import ConfigError
 from ayf.math.flow_map import apply_flow_map
+from ayf.nn.cond import NO_COND, NULL_LABEL, Cond  # noqa: F401  (NULL_LABEL: re-exported)
 from ayf.nn.embeddings import ScalarEmbedding
 
 S_EMBEDDINGS = ("t_minus_s", "s", "none")
-NULL_LABEL = -1  # "no class": the unconditional prediction of classifier-free guidance
 
 
 class FlowMap(nn.Module):
     """Average velocity ``F(x_t, t, s)`` of a flow map ``f = x_t + (s - t) F`` around a backbone.
 
-    The conditioning vector is ``emb(t) + emb_s(t - s or s) + emb(label) + emb(guidance)``.
+    The conditioning vector is ``emb(t) + emb_s(t - s or s) + emb(label) + emb(lam - 1)``, with
+    label and lam read from the call's :class:`ayf.nn.Cond`.
     A negative label (:data:`NULL_LABEL`) contributes no class embedding: the unconditional
     model that classifier-free guidance needs (train it with ``FlowMatching(label_dropout=...)``).
     The s and guidance branches start at zero, so a student copied from a teacher (which has
@@ -28,7 +29,8 @@ class FlowMap(nn.Module):
         s_embedding: how the target time enters: ``t_minus_s`` (default), ``s``, or ``none``
             (a velocity model, e.g. a flow-matching teacher).
         num_classes: number of class labels (0: unconditional).
-        guidance: condition on a guidance scale lam (guidance distillation).
+        guidance_input: the net takes a guidance scale lam (``cond.lam``) as an input: a student
+            distilled from a guided teacher.
         num_freqs: Fourier frequencies of each scalar embedding.
         max_freq: largest Fourier frequency (cycles per unit time).
     """
@@ -38,7 +40,7 @@ class FlowMap(nn.Module):
         backbone: nn.Module,
         s_embedding: str = "t_minus_s",
         num_classes: int = 0,
-        guidance: bool = False,
+        guidance_input: bool = False,
         num_freqs: int = 16,
         max_freq: float = 16.0,
     ):
@@ -51,12 +53,12 @@ class FlowMap(nn.Module):
         self.backbone = backbone
         self.s_embedding = s_embedding
         self.num_classes = num_classes
-        self.guidance = guidance
+        self.guidance_input = guidance_input
         emb = backbone.emb_dim
         self.t_emb = ScalarEmbedding(emb, num_freqs, max_freq)
         self.s_emb = ScalarEmbedding(emb, num_freqs, max_freq, zero_init=True) if s_embedding != "none" else None
         self.label_emb = nn.Embedding(num_classes, emb) if num_classes > 0 else None
-        self.guidance_emb = ScalarEmbedding(emb, num_freqs, 4.0, zero_init=True) if guidance else None
+        self.guidance_emb = ScalarEmbedding(emb, num_freqs, 4.0, zero_init=True) if guidance_input else None
 
     @property
     def data_shape(self) -> tuple:
@@ -66,31 +68,33 @@ class FlowMap(nn.Module):
     def is_flow_map(self) -> bool:
         return self.s_emb is not None
 
-    def forward(self, x, t, s=None, label: Optional[torch.Tensor] = None, guidance=None):
-        """``F(x, t, s)``; x ``(B, *D)``, t and s ``(B,)``. With s None (or no s branch) it is
-        the instantaneous velocity ``v(x, t)``."""
+    def forward(self, x, t, s=None, cond: Optional[Cond] = None):
+        """``F(x, t, s)``; x ``(B, *D)``, t and s ``(B,)``. ``s = None`` means s = t: the
+        instantaneous velocity ``v(x, t)`` (a velocity model, which has no s branch, ignores s)."""
+        cond = NO_COND if cond is None else cond
         emb = self.t_emb(t)
-        if self.s_emb is not None and s is not None:
+        if self.s_emb is not None:
+            s = t if s is None else s
             emb = emb + self.s_emb(t - s if self.s_embedding == "t_minus_s" else s)
         if self.label_emb is not None:
-            if label is None:
+            if cond.label is None:
                 raise ConfigError("this model is class-conditional: pass a label")
-            known = (label >= 0).unsqueeze(1)
-            emb = emb + self.label_emb(label.clamp(min=0)) * known.to(emb.dtype)
+            known = (cond.label >= 0).unsqueeze(1)
+            emb = emb + self.label_emb(cond.label.clamp(min=0)) * known.to(emb.dtype)
         if self.guidance_emb is not None:
-            lam = torch.ones_like(t) if guidance is None else torch.as_tensor(guidance, dtype=t.dtype, device=t.device).expand_as(t)
+            lam = torch.ones_like(t) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)
             emb = emb + self.guidance_emb(lam - 1.0)
-        elif guidance is not None:
-            raise ConfigError("this network was not distilled with guidance (`guidance: true`); it takes no guidance scale")
-        return self.backbone(x, emb, label)
+        elif cond.lam is not None:
+            raise ConfigError("this network takes no guidance scale (it was not distilled from a guided teacher)")
+        return self.backbone(x, emb, cond)
 
-    def velocity(self, x, t, label=None, guidance=None):
+    def velocity(self, x, t, cond: Optional[Cond] = None):
         """Instantaneous velocity ``v(x, t) = F(x, t, t)``."""
-        return self(x, t, t, label=label, guidance=guidance)
+        return self(x, t, t, cond)
 
-    def flow(self, x, t, s, label=None, guidance=None):
+    def flow(self, x, t, s, cond: Optional[Cond] = None):
         """``f(x, t, s) = x + (s - t) F(x, t, s)``."""
-        return apply_flow_map(x, t, s, self(x, t, s, label=label, guidance=guidance))
+        return apply_flow_map(x, t, s, self(x, t, s, cond))
 
     @torch.no_grad()
     def init_from_teacher(self, teacher: "FlowMap") -> None:

@@ -1,26 +1,33 @@
-"""Teachers: frozen velocity models ``v_phi(x_t, t, label) -> (B, *D)`` in ayf's convention."""
+"""Teachers: frozen velocity models with one signature ``v(x_t, t, cond) -> (B, *D)`` in ayf's
+time convention (docs/maths.md §1)."""
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ayf.errors import ConfigError
 from ayf.math.analytic import MixtureOracle
 from ayf.math.guidance import guided_velocity
-from ayf.nn.flow_map import NULL_LABEL
+from ayf.nn.cond import NO_COND, Cond
+from ayf.nn.flow_map import FlowMap
 
 
 class Teacher(nn.Module):
-    """Base class. Subclasses set ``data_shape`` and implement ``forward(x, t, label=None)``;
-    a guided teacher (``guided = True``) also takes ``guidance``, the scale lam ``(B,)``."""
+    """Base class. Subclasses set ``data_shape`` and implement ``forward(x, t, cond=None)``.
+
+    Attributes:
+        data_shape: shape of one example (None until known, e.g. a mixture read from the data).
+        num_classes: class labels the teacher knows (0: unconditional).
+        unconditional: whether it also knows the unconditional velocity (the null label), as
+            classifier-free guidance needs.
+        reads_lam: whether it reads the guidance scale ``cond.lam`` (a :class:`GuidedTeacher`).
+    """
 
     data_shape: Optional[tuple] = None
     num_classes: int = 0
-    guided: bool = False
-    #: whether the teacher knows the unconditional velocity (null label), as CFG needs
     unconditional: bool = False
+    reads_lam: bool = False
 
     def bind_data(self, datamodule) -> None:
         """Called by the distillation task with the run's data module before training."""
@@ -36,6 +43,8 @@ class MixtureTeacher(Teacher):
         mixture: mapping with keys ``means`` (K x D), ``stds`` (K) and ``weights`` (K). Leave it
             out to read the mixture of the run's ``ayf.data.GaussianMixture`` data module.
     """
+
+    unconditional = True
 
     def __init__(self, mixture: Optional[dict] = None):
         super().__init__()
@@ -57,63 +66,55 @@ class MixtureTeacher(Teacher):
                 raise ConfigError("MixtureTeacher needs `mixture`, or a GaussianMixture data module to read it from")
             self._set(mixture)
 
-    def forward(self, x, t, label=None):
+    def forward(self, x, t, cond: Optional[Cond] = None):
         if self.oracle is None:
             raise ConfigError("MixtureTeacher has no mixture yet")
         return self.oracle.velocity(x.double(), t.double()).to(x.dtype)
 
 
-class CheckpointTeacher(Teacher):
-    """A velocity network loaded from a ``FlowMatching`` checkpoint written by ``ayf fit``.
+class NetTeacher(Teacher):
+    """A velocity network (a :class:`ayf.nn.FlowMap` without s branch) used as a frozen teacher.
 
     Args:
-        ckpt_path: path of the FlowMatching checkpoint.
-        use_ema: use the EMA weights saved in the checkpoint when it has them.
+        net: the velocity network.
+        unconditional: the net also learned the unconditional velocity (trained with label dropout).
+        freeze: turn off the net's gradients and put it in eval mode (off: a view of a net that
+            is still training, e.g. to sample it).
     """
 
-    def __init__(self, ckpt_path: str, use_ema: bool = True):
+    def __init__(self, net: FlowMap, unconditional: bool = False, freeze: bool = True):
         super().__init__()
-        from ayf.nn.io import load_network
+        self.net = net.requires_grad_(False).eval() if freeze else net
+        self.data_shape = tuple(net.data_shape)
+        self.num_classes = net.num_classes
+        self.unconditional = self.num_classes == 0 or bool(unconditional)
 
-        self.net, meta = load_network(ckpt_path, use_ema=use_ema, kinds=("FlowMatching",), what="teacher checkpoint",
-                                      hint="train a teacher with `ayf fit`, or pass its path, e.g. "
-                                      "--model.teacher.init_args.ckpt_path PATH")
-        self.net.requires_grad_(False)
-        self.data_shape = self.net.data_shape
-        self.num_classes = self.net.num_classes
-        self.unconditional = self.num_classes == 0 or bool(meta.get("label_dropout"))
-        self.ckpt_path = ckpt_path
-
-    def forward(self, x, t, label=None):
-        return self.net.velocity(x, t, label=label)
+    def forward(self, x, t, cond: Optional[Cond] = None):
+        return self.net.velocity(x, t, cond)
 
 
 class GuidedTeacher(Teacher):
-    """A guided velocity ``v = lam * v_strong + (1 - lam) * v_weak`` (spec section 6).
+    """A guided velocity ``v = lam * v_strong + (1 - lam) * v_weak`` (docs/maths.md §6), with lam
+    read from ``cond.lam`` (none: the plain teacher, lam = 1).
 
     With ``weak`` given this is autoguidance: the weak teacher is a weaker model of the same task
     (a smaller network or an earlier checkpoint). Without it, classifier-free guidance: the weak
     prediction is the same teacher's unconditional one (null label), which needs a teacher
-    trained with ``label_dropout``. lam = 1 is the plain teacher.
+    trained with ``label_dropout``. This is the one place where a guided teacher is assembled
+    and where the combination is checked.
 
     Args:
         teacher: the strong teacher.
         weak: the weak teacher of autoguidance (leave out for classifier-free guidance).
     """
 
-    guided = True
+    reads_lam = True
 
     def __init__(self, teacher: Teacher, weak: Optional[Teacher] = None):
         super().__init__()
         self.teacher, self.weak = teacher, weak
         self.num_classes = teacher.num_classes
-        if weak is None:
-            if teacher.num_classes == 0:
-                raise ConfigError("classifier-free guidance needs a class-conditional teacher; "
-                                  "give GuidedTeacher a `weak` teacher for autoguidance")
-            if not teacher.unconditional:
-                raise ConfigError("classifier-free guidance needs a teacher trained with label_dropout > 0 "
-                                  "(it never learned the unconditional velocity)")
+        self.unconditional = teacher.unconditional
         self._check()
 
     @property
@@ -124,6 +125,12 @@ class GuidedTeacher(Teacher):
     def _check(self):
         self.data_shape = self.teacher.data_shape
         if self.weak is None:
+            if self.teacher.num_classes == 0:
+                raise ConfigError("classifier-free guidance needs a class-conditional teacher; "
+                                  "give GuidedTeacher a `weak` teacher for autoguidance")
+            if not self.teacher.unconditional:
+                raise ConfigError("classifier-free guidance needs a teacher trained with label_dropout > 0 "
+                                  "(it never learned the unconditional velocity)")
             return
         if self.weak.num_classes != self.teacher.num_classes:
             raise ConfigError(f"weak teacher has {self.weak.num_classes} classes but the teacher has "
@@ -139,12 +146,19 @@ class GuidedTeacher(Teacher):
                 t.bind_data(datamodule)
         self._check()
 
-    def forward(self, x, t, label=None, guidance=None):
-        strong = self.teacher(x, t, label)
-        if guidance is None:
+    def forward(self, x, t, cond: Optional[Cond] = None):
+        cond = NO_COND if cond is None else cond
+        lam, plain = cond.lam, cond.with_(lam=None)
+        strong = self.teacher(x, t, plain)
+        if lam is None:
             return strong
-        if self.weak is not None:
-            weak = self.weak(x, t, label)
-        else:
-            weak = self.teacher(x, t, torch.full_like(label, NULL_LABEL))
-        return guided_velocity(strong, weak, guidance)
+        weak = self.weak(x, t, plain) if self.weak is not None else self.teacher(x, t, plain.unconditional())
+        return guided_velocity(strong, weak, lam)
+
+
+def velocity_teacher(net: FlowMap, label_dropout: float = 0.0, lam=None, freeze: bool = True) -> Teacher:
+    """A velocity net as the model to sample at guidance scale ``lam``: the plain net for lam
+    None or 1, else classifier-free guidance (:class:`GuidedTeacher`, which checks that the net
+    learned the unconditional velocity, i.e. was trained with ``label_dropout``)."""
+    plain = NetTeacher(net, unconditional=bool(label_dropout), freeze=freeze)
+    return plain if lam is None or lam == 1 else GuidedTeacher(plain)

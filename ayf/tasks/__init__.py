@@ -3,7 +3,8 @@ AdversarialFinetuning (the optional GAN stage after distillation)."""
 from ayf.tasks.adversarial import AdversarialFinetuning
 from ayf.tasks.base import AyfTask
 from ayf.tasks.distillation import FlowMapDistillation
+from ayf.tasks.flow_maps import FlowMapTask
 from ayf.tasks.flow_matching import FlowMatching
 from ayf.tasks.schedules import WarmupStableDecay
 
-__all__ = ["AyfTask", "FlowMatching", "FlowMapDistillation", "AdversarialFinetuning", "WarmupStableDecay"]
+__all__ = ["AyfTask", "FlowMatching", "FlowMapTask", "FlowMapDistillation", "AdversarialFinetuning", "WarmupStableDecay"]

@@ -1,4 +1,4 @@
-"""AdversarialFinetuning: AYF-EMD plus a relativistic GAN loss on few-step samples (spec section 7)."""
+"""AdversarialFinetuning: AYF-EMD plus a relativistic GAN loss on few-step samples (docs/maths.md §7)."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -7,14 +7,14 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from ayf.checkpoints import FLOW_MAP_KINDS, ema_weights, network_from_checkpoint, read_checkpoint
 from ayf.errors import ConfigError
 from ayf.math.losses import r1_penalty, rpgan_discriminator_loss, rpgan_generator_loss
 from ayf.math.samplers import sample_flow_map
-from ayf.math.times import TimePairSampler
+from ayf.math.times import TimePairSampler, time_grid
 from ayf.nn.flow_map import FlowMap
-from ayf.nn.io import FLOW_MAP_KINDS, ema_weights, network_from_checkpoint, read_checkpoint
 from ayf.nn.teachers import Teacher
-from ayf.tasks.distillation import FlowMapDistillation
+from ayf.tasks.flow_maps import FlowMapTask
 
 INIT_WEIGHTS = ("ema", "raw")
 
@@ -23,7 +23,7 @@ def default_gan_optimizer(params):
     return torch.optim.Adam(params, lr=2e-5, betas=(0.0, 0.99))
 
 
-class AdversarialFinetuning(FlowMapDistillation):
+class AdversarialFinetuning(FlowMapTask):
     """Finetunes a distilled flow map with ``L_G = AYF-EMD + lambda_adv * RpGAN`` against a
     discriminator trained with ``L_D = RpGAN + gamma / 2 (R1 + R2)`` (Sabour et al. 2025, sec. 4).
 
@@ -33,7 +33,8 @@ class AdversarialFinetuning(FlowMapDistillation):
     iterations. Fakes are flow-map samples from noise with the real batch's labels, at a step
     count cycling through ``fake_steps`` (or, from a given step on, through the list that
     ``fake_steps_schedule`` gives for it). The student starts from the distilled checkpoint and
-    the EMA callback continues that run's EMA.
+    the EMA callback continues that run's EMA. The regression term is a distillation objective
+    (:mod:`ayf.objectives`) of its own, built from the arguments below.
 
     Args:
         distilled_ckpt: checkpoint of the distilled flow map (FlowMapDistillation, or an earlier
@@ -50,10 +51,10 @@ class AdversarialFinetuning(FlowMapDistillation):
             ``trainer.max_steps``) from which each replaces ``fake_steps``; e.g.
             ``{8000: [1, 2, 4, 8, 8]}`` trains on 1-step fakes, then on 1/2/4/8-step fakes.
         objective: distillation objective of the regression term (``emd`` or ``lmd``).
-        weighting: per-example weight of the regression term (see FlowMapDistillation).
+        weighting: per-example weight of the regression term: ``none``, ``f_space`` or ``adaptive``.
         tangent_norm: constant c of the tangent normalisation.
         time_sampler: (t, s) pair sampler of the regression term.
-        guidance_range: lam range for guided teachers (see FlowMapDistillation).
+        guidance_range: ``[lo, hi]`` of the guidance scale drawn per example for a guided teacher.
         sample_guidance: lam of validation, plots and ``ayf test``.
         optimizer: generator optimiser factory (default Adam, lr 2e-5, betas (0, 0.99)).
         d_optimizer: discriminator optimiser factory (default as the generator's).
@@ -103,11 +104,12 @@ class AdversarialFinetuning(FlowMapDistillation):
                 net.load_state_dict(loaded.state_dict())
             except RuntimeError as err:
                 raise ConfigError(f"the net does not match {distilled_ckpt}: {str(err).splitlines()[0]}") from None
-        super().__init__(net.train(), teacher, objective=objective, weighting=weighting, tangent_norm=tangent_norm,
-                         time_sampler=time_sampler, init_from_teacher=False, optimizer=optimizer or default_gan_optimizer,
-                         guidance_range=guidance_range, sample_guidance=sample_guidance, compile=compile)
+        super().__init__(optimizer or default_gan_optimizer, None, compile)
+        self.save_hyperparameters(ignore=["optimizer", "d_optimizer"])
+        self.wire(net.train(), teacher, objective, sample_guidance, time_sampler=time_sampler,
+                  tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range)
         self.automatic_optimization = False
-        self.net_config = meta["net"]
+        self._net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
         self.discriminator = discriminator
         self._d_optimizer = d_optimizer or default_gan_optimizer
@@ -129,18 +131,20 @@ class AdversarialFinetuning(FlowMapDistillation):
                 self._d_optimizer(list(self.discriminator.parameters()))]
 
     # --- the two losses ---------------------------------------------------------------------
-    def fakes(self, x0, label, steps: int, lam=None):
-        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled)."""
-        F_fn = lambda x, t, s: self.net(x, t, s, label=label, guidance=lam)  # noqa: E731
-        return sample_flow_map(F_fn, torch.randn_like(x0), self.grid(steps, x0))
+    def fakes(self, x0, cond, steps: int):
+        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled), at
+        guidance scales drawn like the regression term's."""
+        cond = cond.with_(lam=self.objective.draw_lam(x0))
+        return sample_flow_map(self.net, torch.randn_like(x0), time_grid(steps).to(x0), cond)
 
-    def _d(self, x, label):
-        return self.discriminator(x, label if getattr(self.discriminator, "num_classes", 0) else None)
+    def _d(self, x, cond):
+        return self.discriminator(x, cond.label if getattr(self.discriminator, "num_classes", 0) else None)
 
     def discriminator_loss(self, x0, label, steps: int):
-        """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph."""
+        """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph.
+        label: the batch's condition (:class:`ayf.nn.Cond`)."""
         with torch.no_grad():
-            fake = self.fakes(x0, label, steps, self.draw_guidance(x0))
+            fake = self.fakes(x0, label, steps)
         real = x0.detach().requires_grad_(True)
         fake = fake.detach().requires_grad_(True)
         d_real, d_fake = self._d(real, label), self._d(fake, label)
@@ -154,9 +158,10 @@ class AdversarialFinetuning(FlowMapDistillation):
 
     def generator_loss(self, batch, steps: int):
         """``mean EMD + lambda_adv * RpGAN_G`` and its parts."""
-        per, stats = self.losses(batch)
-        x0, label = self.split_batch(batch)
-        fake = self.fakes(x0, label, steps, self.draw_guidance(x0))
+        b = self.to_batch(batch)
+        per, stats = self.objective(self.net, b, self.objective_state())
+        x0, label = b.x0, b.cond
+        fake = self.fakes(x0, label, steps)
         with torch.no_grad():
             d_real = self._d(x0, label)
         adv = rpgan_generator_loss(d_real, self._d(fake, label)).mean()
@@ -167,9 +172,9 @@ class AdversarialFinetuning(FlowMapDistillation):
     def discriminator_step(self, batch, steps: int = 1):
         """One discriminator update; the generator's weights do not change."""
         _, d_opt = self.optimizers()
-        x0, label = self.split_batch(batch)
+        b = self.to_batch(batch)
         with self.toggled_optimizer(d_opt):
-            loss, stats = self.discriminator_loss(x0, label, steps)
+            loss, stats = self.discriminator_loss(b.x0, b.cond, steps)
             self.check_finite(loss, "discriminator loss")
             d_opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
@@ -205,7 +210,5 @@ class AdversarialFinetuning(FlowMapDistillation):
             self.log(f"train/{name}", value)
         self.log("train/iteration", float(iteration))
 
-    # --- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ayf"]["net"] = self.net_config
+    def net_config(self):
+        return self._net_config

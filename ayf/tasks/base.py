@@ -1,4 +1,5 @@
-"""What every ayf LightningModule shares: optimiser wiring, checkpoint metadata, loss guard."""
+"""What every ayf LightningModule shares: the objective call and its logging, optimiser wiring,
+checkpoint metadata, the loss guard and sampling through :mod:`ayf.sampling`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,9 +8,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from ayf.checkpoints import FORMAT
 from ayf.errors import ConfigError, NonFiniteLossError
-from ayf.math.samplers import ODE_SOLVERS
-from ayf.math.times import time_grid
+from ayf.nn.cond import Cond
+from ayf.objectives.base import Batch, State
+from ayf.sampling import generate
 
 
 def default_optimizer(params):
@@ -27,12 +30,15 @@ def _plain(value) -> bool:
 
 
 class AyfTask(L.LightningModule):
-    """Base of ayf's tasks. ``net`` is the trained FlowMap; callbacks (EMA, plots) use it."""
+    """Base of ayf's tasks: ``net`` is the trained FlowMap (callbacks such as EMA use it) and
+    ``objective`` (an :class:`ayf.objectives.Objective`) maps it and a batch to a loss."""
 
     kind = "AyfTask"
     #: guidance scale lam used by :meth:`generate` when none is passed (validation, plots,
-    #: ``ayf test --guidance``); None: the task's default
+    #: ``ayf test --guidance``); None: no guidance
     sample_guidance = None
+    #: the ODE solver :meth:`generate` uses by default (None: the flow-map sampler)
+    default_solver = None
 
     def __init__(
         self,
@@ -43,9 +49,12 @@ class AyfTask(L.LightningModule):
         super().__init__()
         self._optimizer = optimizer or default_optimizer
         self._lr_scheduler = lr_scheduler
-        self._compiled = None
         self.compile_loss = compile
         self.checkpoint_step = 0  # global_step of the checkpoint these weights came from (ayf test reports it)
+
+    def set_objective(self, objective) -> None:
+        objective.compile = self.compile_loss
+        self.objective = objective
 
     def on_load_checkpoint(self, checkpoint):
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
@@ -54,26 +63,8 @@ class AyfTask(L.LightningModule):
         """Sets :attr:`sample_guidance`; a model that cannot be guided raises ConfigError."""
         raise ConfigError(f"{self.kind} cannot sample with guidance")
 
-    def loss_terms(self, *tensors):  # pragma: no cover - abstract
-        """Per-example loss from tensors only (what ``compile`` compiles)."""
-        raise NotImplementedError
-
-    def per_example_loss(self, *tensors):
-        """:meth:`loss_terms`, through ``torch.compile`` when the task was built with compile.
-
-        Only training steps (grad enabled) run compiled: validation and test batches are few, and
-        a no-grad call would compile a second graph, which costs more than it saves.
-        """
-        if not self.compile_loss or not torch.is_grad_enabled():
-            return self.loss_terms(*tensors)
-        if self._compiled is None:
-            # static shapes: a training batch keeps its shape, and a rare odd one (a last partial
-            # batch) compiles once more rather than turning every size symbolic
-            self._compiled = torch.compile(self.loss_terms, dynamic=False)
-        return self._compiled(*tensors)
-
     def trainable_parameters(self):
-        return self.net.parameters()
+        return list(self.net.parameters()) + [p for p in self.objective.parameters() if p.requires_grad]
 
     # --- shape agreement --------------------------------------------------------------------
     def attached_datamodule(self):
@@ -105,8 +96,9 @@ class AyfTask(L.LightningModule):
                 "the last saved checkpoint is untouched (lower the learning rate or check the data)"
             )
 
-    def split_batch(self, batch):
-        """``(x0, label or None)`` from a dict batch ``{"x": ..., "label": ...}`` or a tuple."""
+    # --- the objective ----------------------------------------------------------------------
+    def to_batch(self, batch) -> Batch:
+        """A :class:`Batch` from a dict batch ``{"x": ..., "label": ...}`` or a tuple."""
         if isinstance(batch, dict):
             x, label = batch["x"], batch.get("label")
         elif isinstance(batch, (list, tuple)):
@@ -114,14 +106,52 @@ class AyfTask(L.LightningModule):
         else:
             x, label = batch, None
         self._batch_size = len(x)
-        return x, (label if self.net.num_classes > 0 else None)
+        return Batch(x, Cond(label=label if self.net.num_classes > 0 else None))
+
+    def objective_state(self) -> State:
+        return State()
+
+    def loss(self, batch, stage: str):
+        """Mean loss of one batch; logs it and the objective's statistics under ``stage/``."""
+        per, stats = self.objective(self.net, self.to_batch(batch), self.objective_state())
+        loss = per.mean()
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test")
+        for name, value in stats.items():
+            self.log(f"{stage}/{name}", value)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch, "train")
+        self.check_finite(loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.loss(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.loss(batch, "test")
 
     def log(self, name, value, *args, **kwargs):
-        """LightningModule.log with the batch size of the last :meth:`split_batch` (dict batches
+        """LightningModule.log with the batch size of the last :meth:`to_batch` (dict batches
         are otherwise ambiguous to Lightning)."""
         if getattr(self, "_batch_size", None) is not None:
             kwargs.setdefault("batch_size", self._batch_size)
         super().log(name, value, *args, **kwargs)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for key in [k for k in sd if k.startswith("objective.teacher.")]:
+            del sd[key]  # the teacher is frozen and named by the config, never saved
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        teacher = getattr(self.objective, "teacher", None)
+        if teacher is not None:
+            for key, value in teacher.state_dict(prefix="objective.teacher.").items():
+                state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint):
         # hparams hold config dicts under `ayf fit`, but live objects when a task is built in
@@ -129,25 +159,39 @@ class AyfTask(L.LightningModule):
         hp = checkpoint.get("hyper_parameters")
         if hp:
             checkpoint["hyper_parameters"] = {k: v for k, v in hp.items() if _plain(v)}
-        net_cfg = self.hparams.get("net")
         checkpoint["ayf"] = {
+            "format": FORMAT,
             "kind": self.kind,
-            "net": net_cfg if isinstance(net_cfg, dict) else None,
+            "net": self.net_config(),
             "data_shape": list(self.net.data_shape),
             "objective": self.hparams.get("objective"),
+            "sample_guidance": self.sample_guidance,
         }
 
-    # sampling used by callbacks and `ayf sample`
-    def generate(self, noise, steps: int, label=None, generator=None):  # pragma: no cover - abstract
+    def net_config(self) -> Optional[dict]:
+        """The ``class_path``/``init_args`` config of :attr:`net` (None when built in Python)."""
+        net_cfg = self.hparams.get("net")
+        return net_cfg if isinstance(net_cfg, dict) else None
+
+    # --- sampling (callbacks, `ayf test`) ---------------------------------------------------
+    def sampling_model(self, lam):  # pragma: no cover - abstract
+        """The model :meth:`generate` samples (guided at scale lam where that applies)."""
         raise NotImplementedError
 
-    @staticmethod
-    def grid(steps: int, like: torch.Tensor):
-        return time_grid(steps).to(like)
+    def sampling_cond(self, like: torch.Tensor, label=None, lam=None) -> Cond:
+        return Cond.build(like.shape[0], label=label, lam=lam, device=like.device, dtype=like.dtype)
 
-    def solve_ode(self, velocity_fn, noise, steps: int, solver: str = "euler"):
-        """Teacher-style ODE sampling from t = 1 to 0 on the uniform grid; ``solver`` euler or
-        heun (Heun: 2 * steps velocity calls)."""
-        if solver not in ODE_SOLVERS:
-            raise ConfigError(f"unknown solver {solver!r}; choose one of {', '.join(ODE_SOLVERS)}")
-        return ODE_SOLVERS[solver](velocity_fn, noise, self.grid(steps, noise))
+    @torch.no_grad()
+    def generate(self, noise, steps: int, label=None, generator=None, solver: Optional[str] = None,
+                 gamma: Optional[float] = None, grid=None, guidance=None):
+        """Samples from ``noise`` in ``steps`` steps (or on ``grid``) with class ``label`` and
+        guidance scale ``guidance`` (default :attr:`sample_guidance`)."""
+        lam = self.sample_guidance if guidance is None else guidance
+        model, lam = self.sampling_model(lam)
+        solver = solver or self.default_solver or "flow_map"
+        gamma = self.default_gamma() if gamma is None else gamma
+        return generate(model, noise, steps if grid is None else grid, self.sampling_cond(noise, label, lam),
+                        solver=solver, gamma=gamma, generator=generator)
+
+    def default_gamma(self) -> float:
+        return 0.0

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ayf.checkpoints import load_network
 from ayf.cli import main
-from ayf.nn.io import load_network
+from ayf.nn import Cond
 from tests.toy_runs import SMALL_NET, fit_toy
 
 
@@ -27,7 +28,7 @@ def test_guided_student_fits_tests_and_samples_at_any_lam(teachers, kind, tmp_pa
         extra += ["--model.teacher.init_args.weak.init_args.ckpt_path", weak]
     student = fit_toy(tmp_path, f"distill_{kind}", kind, 3, extra)
     net, meta = load_network(student)
-    assert net.guidance and meta["sample_guidance"] == 2.0  # the middle of [1, 3]
+    assert net.guidance_input and meta["sample_guidance"] == 2.0  # the middle of [1, 3]
     # ayf test with --guidance: validation loss at the chosen scale
     assert main(["test", "--config", f"configs/toy/distill_{kind}.yaml", "--ckpt_path", student,
                  "--guidance", "2.5", "--trainer.default_root_dir", str(tmp_path),
@@ -45,7 +46,7 @@ def test_guided_student_fits_tests_and_samples_at_any_lam(teachers, kind, tmp_pa
     x, label = torch.from_numpy(noise), torch.arange(64) % 2
     for t, s in ((1.0, 0.5), (0.5, 0.0)):
         tt, ss = torch.full((64,), t), torch.full((64,), s)
-        x = x + (s - t) * net(x, tt, ss, label=label, guidance=torch.full((64,), 3.0)).detach()
+        x = x + (s - t) * net(x, tt, ss, Cond(label=label, lam=torch.full((64,), 3.0))).detach()
     np.testing.assert_allclose(outs["3"], x.numpy(), rtol=1e-5, atol=1e-6)
     capsys.readouterr()
 

@@ -4,11 +4,11 @@ import glob
 import pytest
 import torch
 
+from ayf.checkpoints import load_network
 from ayf.cli import main
 from ayf.math.samplers import sample_euler, sample_flow_map
 from ayf.math.times import time_grid
 from ayf.metrics.toy import exact_endpoints, load_mixture
-from ayf.nn.io import load_network
 
 
 @pytest.mark.slow
@@ -23,8 +23,8 @@ def test_emd_flow_map_learns_the_toy_mixture(tmp_path):
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     exact = exact_endpoints(oracle, noise)
     with torch.no_grad():
-        x4 = sample_flow_map(lambda a, t, s: net(a, t, s), noise, time_grid(4).float())
-        euler4 = sample_euler(lambda a, t: oracle.velocity(a.double(), t.double()).float(), noise, time_grid(4).float())
+        x4 = sample_flow_map(net, noise, time_grid(4).float())
+        euler4 = sample_euler(lambda a, t, cond: oracle.velocity(a.double(), t.double()).float(), noise, time_grid(4).float())
     dist = lambda x: (x.double() - exact).norm(dim=1).median().item()  # noqa: E731
     assert dist(x4) < dist(euler4)  # better than the exact teacher at the same NFE
     data_logp = oracle.log_prob(oracle.sample(2000)).mean().item()

@@ -46,7 +46,7 @@ def test_tangents_vanish_at_exact_mixture_map(gen):
     oracle = MixtureOracle([[-1.0, 0.0], [1.0, 0.5]], [0.3, 0.4], [0.6, 0.4])
     x, t, s = _batch(gen, n=64)
     t = t.clamp(min=0.05)
-    F_fn = lambda a, b, c: oracle.average_velocity(a, b, c, steps=200)  # noqa: E731
+    F_fn = lambda a, b, c, cond=None: oracle.average_velocity(a, b, c, steps=200)  # noqa: E731
     g_emd, g_lmd = _tangents(oracle, F_fn, x, t, s)
     assert g_emd.abs().max() < 1e-5
     assert g_lmd.abs().max() < 1e-5
@@ -55,7 +55,7 @@ def test_tangents_vanish_at_exact_mixture_map(gen):
 def test_tangents_nonzero_for_perturbed_map(gen):
     oracle = GaussianOracle(std=C, dim=2)
     x, t, s = _batch(gen)
-    F_fn = lambda a, b, c: oracle.average_velocity(a, b, c) + 0.05 * torch.tanh(a) * (1 + b)[:, None]  # noqa: E731
+    F_fn = lambda a, b, c, cond=None: oracle.average_velocity(a, b, c) + 0.05 * torch.tanh(a) * (1 + b)[:, None]  # noqa: E731
     g_emd, g_lmd = _tangents(oracle, F_fn, x, t, s)
     assert g_emd.flatten(1).norm(dim=1).mean() > 1e-2
     assert g_lmd.flatten(1).norm(dim=1).mean() > 1e-2
@@ -70,7 +70,7 @@ class Perturbed(torch.nn.Module):
         self.a = torch.nn.Parameter(torch.tensor([0.2, -0.1], dtype=torch.float64))
         self.b = torch.nn.Parameter(torch.tensor([0.1, 0.3], dtype=torch.float64))
 
-    def forward(self, x, t, s):
+    def forward(self, x, t, s, cond=None):
         return self.oracle.average_velocity(x, t, s) + self.a * x + self.b * (t - s)[:, None]
 
 
@@ -102,7 +102,7 @@ def test_descent_step_moves_toward_exact_map(gen, objective, weighting):
 def test_jvp_matches_central_difference(gen):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2)).double()
-    F_fn = lambda x, t, s: net(torch.cat([x, t[:, None], (t - s)[:, None]], 1)) * (1 + t[:, None])  # noqa: E731
+    F_fn = lambda x, t, s, cond=None: net(torch.cat([x, t[:, None], (t - s)[:, None]], 1)) * (1 + t[:, None])  # noqa: E731
     x, t, s = _batch(gen, n=32)
     dx = torch.randn_like(x)
     dt, ds = torch.randn_like(t), torch.randn_like(s)
@@ -117,7 +117,7 @@ def test_jvp_matches_central_difference(gen):
 def test_emd_gradient_equals_flow_matching_gradient_on_diagonal(gen):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).double()
-    F_fn = lambda x, t, s: net(torch.cat([x, t[:, None], (t - s)[:, None]], 1))  # noqa: E731
+    F_fn = lambda x, t, s, cond=None: net(torch.cat([x, t[:, None], (t - s)[:, None]], 1))  # noqa: E731
     oracle = GaussianOracle(std=C, dim=2)
     x, t, _ = _batch(gen, n=64)
     v = oracle.velocity(x, t)

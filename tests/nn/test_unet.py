@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ayf.math.tangents import jvp_average_velocity
-from ayf.nn import FlowMap
+from ayf.nn import Cond, FlowMap
 from ayf.nn.unet import UNet, mp_cat, mp_silu, mp_sum
 
 
@@ -32,7 +32,7 @@ def test_unet_flow_map_jvp_matches_central_difference(gen):
     s = t * torch.rand(4, generator=gen, dtype=torch.float64)
     label = torch.tensor([0, 2, 1, 2])
     dx, dt, ds = torch.randn_like(x), torch.randn_like(t), torch.randn_like(s)
-    F_fn = lambda xx, tt, ss: net(xx, tt, ss, label=label)  # noqa: E731
+    F_fn = lambda xx, tt, ss, cond=None: net(xx, tt, ss, Cond(label=label))  # noqa: E731
     F, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
     with torch.no_grad():
         h = 1e-6
@@ -89,15 +89,15 @@ def test_unet_jvp_on_cuda_matches_cpu_float64(gen):
     s = 0.5 * t
     label = torch.tensor([0, 2, 1, 2])
     dx, dt, ds = torch.randn_like(x), torch.ones_like(t), torch.zeros_like(s)
-    ref_F, ref_dF = jvp_average_velocity(lambda a, b, c: net(a, b, c, label=label), x, t, s, dx, dt, ds)
+    ref_F, ref_dF = jvp_average_velocity(net, x, t, s, dx, dt, ds, Cond(label=label))
     gpu = net.float().cuda()
     lab = label.cuda()
     args = [a.float().cuda() for a in (x, t, s, dx, dt, ds)]
-    F, dF = jvp_average_velocity(lambda a, b, c: gpu(a, b, c, label=lab), *args)
+    F, dF = jvp_average_velocity(gpu, *args, Cond(label=lab))
     torch.testing.assert_close(F.double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(dF.double().cpu(), ref_dF, atol=2e-2, rtol=2e-2)
     with torch.no_grad():  # the ordinary forward (any attention kernel) agrees too
-        torch.testing.assert_close(gpu(*args[:3], label=lab).double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(gpu(*args[:3], Cond(label=lab)).double().cpu(), ref_F, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.gpu
@@ -108,7 +108,7 @@ def test_unet_jvp_under_cuda_bf16_autocast_stays_near_float32(gen):
     t = (0.1 + 0.8 * torch.rand(4, generator=gen)).cuda()
     s, dt, ds = 0.5 * t, torch.ones_like(t), torch.zeros_like(t)
     label = torch.tensor([0, 2, 1, 2]).cuda()
-    F_fn = lambda a, b, c: net(a, b, c, label=label)  # noqa: E731
+    F_fn = lambda a, b, c, cond=None: net(a, b, c, Cond(label=label))  # noqa: E731
     ref_F, ref_dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         F, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds)
@@ -131,8 +131,8 @@ def unet_emd_loss(gen, device="cpu"):
 
     def loss(x, t, s, r):
         with torch.no_grad():
-            v = teacher(x, t, None, label=label)
-        F, g = emd_tangent(lambda xx, tt, ss: student(xx, tt, ss, label=label), x, t, s, v, r=r)
+            v = teacher(x, t, None, Cond(label=label))
+        F, g = emd_tangent(student, x, t, s, v, r=r, cond=Cond(label=label))
         return (F - g).square().mean()
 
     return loss, student, (x, t, s, torch.tensor(0.5, device=device))

@@ -7,11 +7,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ayf.callbacks import EMA
+from ayf.checkpoints import read_checkpoint
 from ayf.data import GaussianMixture
 from ayf.errors import AyfError, ConfigError
-from ayf.nn import MixtureTeacher, MLPDiscriminator
+from ayf.nn import Cond, MixtureTeacher, MLPDiscriminator
 from ayf.nn.discriminator import ImageDiscriminator, minibatch_std
-from ayf.nn.io import read_checkpoint
 from ayf.tasks import AdversarialFinetuning
 from tests.toy_runs import SMALL_NET, fit_toy
 
@@ -22,7 +22,7 @@ MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.3, 0.3], "weights": [0.5, 
 def distilled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distilled")
     teacher = fit_toy(tmp, "teacher", "teacher", 3, SMALL_NET)
-    return fit_toy(tmp, "distill_emd", "distill_emd", 4, [*SMALL_NET, "--model.teacher", "ayf.nn.CheckpointTeacher",
+    return fit_toy(tmp, "distill_emd", "distill_emd", 4, [*SMALL_NET, "--model.teacher", "ayf.checkpoints.CheckpointTeacher",
                                                             "--model.teacher.ckpt_path", teacher]), teacher
 
 
@@ -190,8 +190,9 @@ def test_compile_runs_the_regression_term_compiled_and_matches_eager(distilled):
     t = torch.rand(64, generator=gen)
     s = t * torch.rand(64, generator=gen)
     torch._dynamo.reset()
-    want, want_norm = eager.per_example_loss(x0, eps, t, s, torch.tensor(0.5), None)
-    got, got_norm = compiled.per_example_loss(x0, eps, t, s, torch.tensor(0.5), None)
-    assert compiled._compiled is not None and eager._compiled is None
+    want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, r=torch.tensor(0.5))
+    got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=torch.tensor(0.5))
+    want_norm, got_norm = want_stats["tangent_norm"], got_stats["tangent_norm"]
+    assert compiled.objective._compiled is not None and eager.objective._compiled is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=1e-6)

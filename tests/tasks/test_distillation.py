@@ -5,7 +5,7 @@ import torch
 from ayf.callbacks import EMA, TangentWarmup
 from ayf.data import GaussianMixture
 from ayf.errors import ConfigError, NonFiniteLossError
-from ayf.nn import MLP, FlowMap, MixtureTeacher, Teacher
+from ayf.nn import MLP, Cond, FlowMap, MixtureTeacher, Teacher
 from ayf.tasks import FlowMapDistillation
 
 MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.3, 0.3], "weights": [0.5, 0.5]}
@@ -20,7 +20,7 @@ class NetTeacher(Teacher):
         self.net = FlowMap(MLP(2, 32, 2, 16), s_embedding="none")
         self.data_shape = (2,)
 
-    def forward(self, x, t, label=None):
+    def forward(self, x, t, cond=None):
         return self.net.velocity(x, t)
 
 
@@ -132,11 +132,11 @@ def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves_or_in_val
     with torch._dynamo.config.patch(error_on_recompile=True):
         for r in (0.0, 0.37, 0.99):
             rt = torch.tensor(r)
-            want, want_norm = eager.per_example_loss(x0, eps, t, s, rt, None)
-            got, got_norm = compiled.per_example_loss(x0, eps, t, s, rt, None)
+            want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, r=rt)
+            got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=rt)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got_norm, want_norm, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_stats["tangent_norm"], want_stats["tangent_norm"], rtol=1e-5, atol=1e-6)
         # validation runs without grad: eagerly, so it adds no second compilation
         with torch.no_grad():
-            got, _ = compiled.per_example_loss(x0, eps, t, s, rt, None)
+            got, _ = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=rt)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Guided teachers (autoguidance, CFG), label dropout and lam-conditioned students (spec section 6)."""
+"""Guided teachers (autoguidance, CFG), label dropout and lam-conditioned students (docs/maths.md §6)."""
 import lightning as L
 import pytest
 import torch
@@ -6,8 +6,7 @@ import torch
 from ayf.data import GaussianMixture
 from ayf.errors import ConfigError
 from ayf.math.guidance import guided_velocity
-from ayf.nn import MLP, FlowMap, GuidedTeacher, Teacher
-from ayf.nn.flow_map import NULL_LABEL
+from ayf.nn import MLP, NULL_LABEL, Cond, FlowMap, GuidedTeacher, Teacher
 from ayf.tasks import FlowMapDistillation, FlowMatching
 
 MIX = {"means": [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "stds": [0.3, 0.3, 0.3], "weights": [0.4, 0.3, 0.3]}
@@ -22,15 +21,15 @@ class NetTeacher(Teacher):
         self.net = FlowMap(MLP(dim, width, 2, 16), s_embedding="none", num_classes=classes).double()
         self.data_shape, self.num_classes, self.unconditional = (dim,), classes, unconditional
 
-    def forward(self, x, t, label=None):
-        return self.net.velocity(x, t, label=label)
+    def forward(self, x, t, cond=None):
+        return self.net.velocity(x, t, cond)
 
 
 def inputs(n=16, classes=2):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 2, generator=g, dtype=torch.float64)
     t = torch.rand(n, generator=g, dtype=torch.float64)
-    return x, t, torch.randint(classes, (n,), generator=g)
+    return x, t, Cond(label=torch.randint(classes, (n,), generator=g))
 
 
 def test_guided_velocity_formula_and_lam_one():
@@ -50,42 +49,43 @@ def test_autoguidance_teacher_combines_strong_and_weak():
     x, t, label = inputs()
     lam = torch.linspace(1, 3, len(x), dtype=torch.float64)
     expected = lam[:, None] * strong(x, t, label) + (1 - lam[:, None]) * weak(x, t, label)
-    torch.testing.assert_close(guided(x, t, label, guidance=lam), expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(guided(x, t, label, guidance=torch.ones_like(t)), strong(x, t, label))
-    assert not torch.allclose(guided(x, t, label, guidance=lam), strong(x, t, label))
+    torch.testing.assert_close(guided(x, t, label.with_(lam=lam)), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(guided(x, t, label.with_(lam=torch.ones_like(t))), strong(x, t, label))
+    assert not torch.allclose(guided(x, t, label.with_(lam=lam)), strong(x, t, label))
 
 
 def test_cfg_teacher_uses_the_null_label_prediction():
     strong = NetTeacher()
     guided = GuidedTeacher(strong)
     x, t, label = inputs()
-    uncond = strong(x, t, torch.full_like(label, NULL_LABEL))
-    torch.testing.assert_close(guided(x, t, label, guidance=2.0), 2 * strong(x, t, label) - uncond, rtol=1e-12, atol=1e-12)
-    assert torch.equal(guided(x, t, label, guidance=1.0), strong(x, t, label))
+    uncond = strong(x, t, Cond(label=torch.full_like(label.label, NULL_LABEL)))
+    lam = Cond.build(len(x), lam=2.0, dtype=x.dtype).lam
+    torch.testing.assert_close(guided(x, t, label.with_(lam=lam)), 2 * strong(x, t, label) - uncond, rtol=1e-12, atol=1e-12)
+    assert torch.equal(guided(x, t, label.with_(lam=torch.ones_like(lam))), strong(x, t, label))
 
 
 def test_null_label_gives_no_class_embedding():
     net = FlowMap(MLP(2, 16, 1, 8), s_embedding="none", num_classes=3).double()
     x, t, _ = inputs(4)
     null = torch.full((4,), NULL_LABEL)
-    before = net.velocity(x, t, label=null)
+    before = net.velocity(x, t, Cond(label=null))
     with torch.no_grad():
         net.label_emb.weight.normal_()
-    assert torch.equal(net.velocity(x, t, label=null), before)
-    assert not torch.allclose(net.velocity(x, t, label=torch.zeros(4, dtype=torch.long)), before)
+    assert torch.equal(net.velocity(x, t, Cond(label=null)), before)
+    assert not torch.allclose(net.velocity(x, t, Cond(label=torch.zeros(4, dtype=torch.long))), before)
 
 
 def test_label_dropout_drops_the_share_asked_for_in_training_only():
     task = FlowMatching(FlowMap(MLP(2, 8, 1, 8), s_embedding="none", num_classes=3), label_dropout=0.3)
     label = torch.randint(3, (20000,))
     torch.manual_seed(0)
-    dropped = task.drop_labels(label)
+    dropped = task.objective.drop_labels(label)
     share = (dropped == NULL_LABEL).float().mean().item()
     assert 0.28 < share < 0.32
     kept = dropped != NULL_LABEL
     assert torch.equal(dropped[kept], label[kept])
     task.eval()
-    assert torch.equal(task.drop_labels(label), label)
+    assert torch.equal(task.objective.drop_labels(label), label)
 
 
 def test_label_dropout_trains_the_unconditional_branch(tmp_path):
@@ -94,7 +94,7 @@ def test_label_dropout_trains_the_unconditional_branch(tmp_path):
     net = FlowMap(MLP(2, 16, 1, 8), s_embedding="none", num_classes=3)
     task = FlowMatching(net, label_dropout=0.5)
     seen = []
-    net.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["label"].clone()), with_kwargs=True)
+    net.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[3].label.clone()), with_kwargs=True)
     L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, limit_val_batches=0).fit(task, datamodule=dm)
     labels = torch.cat(seen)
@@ -123,7 +123,7 @@ def test_weak_teacher_of_another_task_is_rejected(weak, match):
 
 
 def guided_student(classes=2):
-    return FlowMap(MLP(2, 32, 2, 16), s_embedding="t_minus_s", num_classes=classes, guidance=True).double()
+    return FlowMap(MLP(2, 32, 2, 16), s_embedding="t_minus_s", num_classes=classes, guidance_input=True).double()
 
 
 def test_guided_student_starts_as_the_strong_teacher_for_every_lam():
@@ -132,13 +132,13 @@ def test_guided_student_starts_as_the_strong_teacher_for_every_lam():
     x, t, label = inputs()
     s = t * torch.rand(len(t), dtype=torch.float64)
     for lam in (1.0, 2.0, 3.0):
-        F = task.net(x, t, s, label=label, guidance=torch.full_like(t, lam))
+        F = task.net(x, t, s, label.with_(lam=torch.full_like(t, lam)))
         torch.testing.assert_close(F, strong(x, t, label), rtol=1e-12, atol=1e-12)
     assert task.sample_guidance == 2.0
 
 
 def test_student_and_teacher_must_agree_about_guidance():
-    with pytest.raises(ConfigError, match="guidance: true"):
+    with pytest.raises(ConfigError, match="guidance_input: true"):
         FlowMapDistillation(FlowMap(MLP(2, 32, 2, 16), num_classes=2).double(), GuidedTeacher(NetTeacher()))
     with pytest.raises(ConfigError, match="not guided"):
         FlowMapDistillation(guided_student(), NetTeacher())
@@ -153,22 +153,23 @@ def test_guided_distillation_targets_the_guided_teacher_with_lam_held_fixed(monk
     task = FlowMapDistillation(guided_student(), GuidedTeacher(strong, weak), guidance_range=[1.5, 2.5],
                                tangent_norm=0.0, objective="emd")
     seen = {}
-    original = task.loss_terms
+    original = task.objective.terms
 
-    def spy(x0, eps, t, s, r, label, lam):
-        seen["lam"] = lam
-        return original(x0, eps, t, s, r, label, lam)
+    def spy(net, x0, cond, *drawn, r=None):
+        seen["lam"] = cond.lam
+        return original(net, x0, cond, *drawn, r=r)
 
-    monkeypatch.setattr(task, "loss_terms", spy)
+    monkeypatch.setattr(task.objective, "terms", spy)
     batch = {"x": torch.randn(256, 2, dtype=torch.float64), "label": torch.randint(2, (256,))}
-    per, _ = task.losses(batch)
+    task.loss(batch, "train")
     lam = seen["lam"]
     assert lam.shape == (256,) and lam.min() >= 1.5 and lam.max() <= 2.5 and lam.std() > 0.2
     # at init F = v_strong for all s, so at s = t the loss is || v_strong - v_guided ||^2 / D
     x0, eps = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     t = torch.rand(8, dtype=torch.float64)
-    label, lam = torch.randint(2, (8,)), torch.full((8,), 2.0, dtype=torch.float64)
-    per, _ = original(x0, eps, t, t, torch.tensor(1.0, dtype=torch.float64), label, lam)
+    label = Cond(label=torch.randint(2, (8,)))
+    cond = label.with_(lam=torch.full((8,), 2.0, dtype=torch.float64))
+    per, _ = original(task.net, x0, cond, eps, t, t, r=torch.tensor(1.0, dtype=torch.float64))
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
     gap = strong(x_t, t, label) - (2 * strong(x_t, t, label) - weak(x_t, t, label))
     torch.testing.assert_close(per, gap.pow(2).mean(1), rtol=1e-10, atol=1e-12)

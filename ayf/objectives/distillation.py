@@ -1,0 +1,148 @@
+"""Flow-map distillation objectives: AYF-EMD, AYF-LMD and the continuous consistency model
+(docs/maths.md §3-§5)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ayf.errors import ConfigError
+from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
+from ayf.math.path import interpolate
+from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent
+from ayf.math.times import TimePairSampler
+from ayf.nn.embeddings import FourierFeatures
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.teachers import Teacher
+from ayf.objectives.base import Batch, Objective
+
+
+class AdaptiveWeight(nn.Module):
+    """``w_psi(t, s)``: a small MLP on Fourier features of t and s (sCM-style weighting)."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.features = FourierFeatures(8, 8.0)
+        self.mlp = nn.Sequential(nn.Linear(2 * self.features.out_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t, s):
+        return self.mlp(torch.cat([self.features(t), self.features(s)], 1)).squeeze(1)
+
+
+class DistillationObjective(Objective):
+    """Regression of the student's ``F`` onto ``stopgrad(F- + g / (||g|| + c))`` for a tangent g
+    that vanishes at the teacher's exact flow map (docs/maths.md §3, step 6).
+
+    Args:
+        teacher: the frozen teacher ``v(x, t, cond)``; a guided one (ayf.nn.GuidedTeacher) reads
+            the guidance scale lam that this objective draws per example.
+        time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s).
+        tangent_norm: constant c of the tangent normalisation ``g / (||g|| + c)``; 0 disables it.
+        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2) or ``adaptive``.
+        guidance_range: ``[lo, hi]`` of lam ~ U[lo, hi] drawn per example for a guided teacher.
+    """
+
+    #: gamma of the sampler that suits the objective (consistency models re-noise: 1)
+    sample_gamma = 0.0
+
+    def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
+                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0)):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.time_sampler = time_sampler or TimePairSampler()
+        self.tangent_norm, self.weighting = tangent_norm, weighting
+        self.adaptive = AdaptiveWeight() if weighting == "adaptive" else None
+        self.guidance_range = None
+        if teacher.reads_lam:
+            lo, hi = (float(v) for v in guidance_range)
+            if not 0.0 <= lo <= hi:
+                raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {list(guidance_range)}")
+            self.guidance_range = (lo, hi)
+
+    def check_student(self, net: FlowMap) -> None:
+        """A student that cannot learn from this teacher is a ConfigError."""
+        if not net.is_flow_map:
+            raise ConfigError("the student net needs an s embedding (`s_embedding: t_minus_s` or `s`)")
+        if self.teacher.reads_lam != net.guidance_input:
+            if self.teacher.reads_lam:
+                raise ConfigError("a guided teacher needs a student built with `guidance_input: true` (ayf.nn.FlowMap)")
+            raise ConfigError("the student is built with `guidance_input: true` but the teacher is not guided "
+                              "(wrap it in ayf.nn.GuidedTeacher)")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def pairs(self, x0):
+        """Training pairs ``(t, s)``, each ``(B,)``."""
+        return self.time_sampler(x0.shape[0], device=x0.device, dtype=x0.dtype)
+
+    def draw_lam(self, x0):
+        """Guidance scales ``lam ~ U[guidance_range]`` per example ``(B,)``; None for a plain teacher."""
+        if self.guidance_range is None:
+            return None
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
+
+    def draw(self, batch: Batch):
+        x0 = batch.x0
+        t, s = self.pairs(x0)
+        return batch.cond.with_(lam=self.draw_lam(x0)), (torch.randn_like(x0), t, s)
+
+    def tangent(self, net, x_t, t, s, cond, r):  # pragma: no cover - abstract
+        """``(F with graph, g unnormalised and detached)``."""
+        raise NotImplementedError
+
+    def terms(self, net, x0, cond, eps, t, s, r=None):
+        x_t = interpolate(x0, eps, t)
+        F, g = self.tangent(net, x_t, t, s, cond, r)
+        g_norm = g.flatten(1).norm(dim=1).mean()
+        per = flow_map_loss(F, normalize_tangent(g, self.tangent_norm), t, s, self.weighting)
+        if self.adaptive is not None:
+            per = adaptive_weighted_loss(per, self.adaptive(t, s))
+        return per, {"tangent_norm": g_norm}
+
+
+class EMD(DistillationObjective):
+    """AYF-EMD (Eulerian; Sabour et al. 2025, Alg. 1): the tangent is the total derivative of
+    ``f(x_t, t, s)`` along the teacher's ODE in t, warmed up by r (docs/maths.md §3)."""
+
+    def tangent(self, net, x_t, t, s, cond, r):
+        with torch.no_grad():
+            v = self.teacher(x_t, t, cond)
+        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond)
+
+
+class LMD(DistillationObjective):
+    """AYF-LMD (Lagrangian): the tangent compares ``df/ds`` with the teacher's velocity at the
+    jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warmup."""
+
+    def tangent(self, net, x_t, t, s, cond, r):
+        return lmd_tangent(net, self.teacher, x_t, t, s, cond)
+
+
+class Consistency(EMD):
+    """A continuous-time consistency model: the EMD tangent at s = 0 only, sampled with gamma = 1
+    (the baseline of docs/maths.md §8). The s = 0 rule lives here alone."""
+
+    sample_gamma = 1.0
+
+    def pairs(self, x0):
+        t, s = super().pairs(x0)
+        return t, torch.zeros_like(s)
+
+
+OBJECTIVES = {"emd": EMD, "lmd": LMD, "consistency": Consistency}
+
+
+def distillation_objective(name: str, teacher: Teacher, **settings) -> DistillationObjective:
+    """The objective called ``name`` (``emd``, ``lmd`` or ``consistency``) on ``teacher``."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](teacher, **settings)

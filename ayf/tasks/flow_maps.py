@@ -1,0 +1,81 @@
+"""What the two flow-map tasks (distillation, adversarial finetuning) share: a student flow map,
+a distillation objective that owns the frozen teacher, the warmup state and sampling."""
+from __future__ import annotations
+
+import torch
+
+from ayf.checkpoints import build_network, student_config, teacher_net_config
+from ayf.errors import ConfigError
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.teachers import Teacher
+from ayf.objectives import State, distillation_objective
+from ayf.sampling import generate
+from ayf.tasks.base import AyfTask
+
+
+def student_for(teacher: Teacher) -> tuple:
+    """``(net, config)`` of a student built on the teacher's recorded architecture, with the s
+    branch (and for a guided teacher the guidance input) added."""
+    config = teacher_net_config(teacher)
+    if config is None:
+        raise ConfigError(f"a {type(teacher).__name__} records no network to build the student from: give the task a `net`")
+    config = student_config(config, guidance_input=teacher.reads_lam)
+    return build_network(config), config
+
+
+class FlowMapTask(AyfTask):
+    """Base of the tasks whose ``net`` is a flow map learning from a frozen teacher."""
+
+    #: tangent warmup ratio, set from global_step by the TangentWarmup callback
+    tangent_r = 0.99
+
+    def wire(self, net: FlowMap, teacher: Teacher, objective: str, sample_guidance, **settings) -> None:
+        """Builds the objective on ``teacher`` and checks that ``net`` can learn from it."""
+        built = distillation_objective(objective, teacher, **settings)
+        built.check_student(net)
+        self.net = net
+        self.set_objective(built)
+        lam_range = built.guidance_range
+        if lam_range is not None and sample_guidance is None:
+            sample_guidance = sum(lam_range) / 2
+        self.sample_guidance = sample_guidance
+
+    @property
+    def teacher(self) -> Teacher:
+        return self.objective.teacher
+
+    def objective_state(self) -> State:
+        return State(r=float(self.tangent_r))
+
+    def known_shapes(self, datamodule=None) -> dict:
+        return {
+            "teacher data shape": self.teacher.data_shape,
+            "data shape": getattr(datamodule, "data_shape", None),
+            "student data shape": self.net.data_shape,
+        }
+
+    def setup(self, stage):
+        dm = self.attached_datamodule()
+        if dm is not None:
+            self.teacher.bind_data(dm)
+        self.check_shapes(dm)
+
+    # --- sampling ---------------------------------------------------------------------------
+    def sampling_model(self, lam):
+        if lam is not None and not self.net.guidance_input:
+            raise ConfigError("this flow map was not distilled with guidance; sample it without a guidance scale")
+        return self.net, lam
+
+    def set_sample_guidance(self, lam: float) -> None:
+        self.sampling_model(lam)
+        self.sample_guidance = lam
+
+    def default_gamma(self) -> float:
+        return self.objective.sample_gamma
+
+    @torch.no_grad()
+    def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler", guidance=None):
+        """The teacher's own ODE samples from the same noise (the reference beside the student),
+        guided at the student's sampling scale."""
+        lam = (self.sample_guidance if guidance is None else guidance) if self.teacher.reads_lam else None
+        return generate(self.teacher, noise, steps, self.sampling_cond(noise, label, lam), solver=solver)
