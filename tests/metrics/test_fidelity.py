@@ -112,3 +112,23 @@ def test_classifier_features_extract_on_cuda(tmp_path):
     on_gpu = ext.extract(images, batch_size=4, device="cuda")
     assert on_gpu.device.type == "cpu"
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_mode_recall_counts_each_modes_share_against_its_weight():
+    from ayf.math.analytic import MixtureOracle
+    from ayf.metrics.toy import mode_recall
+
+    oracle = MixtureOracle(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64),
+                           torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64),
+                           torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    at = oracle.means
+
+    def samples(counts, off=0.0):
+        return torch.cat([at[k].expand(n, 2) + off for k, n in enumerate(counts)])
+
+    torch.testing.assert_close(mode_recall(oracle, samples([50, 25, 25])), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(mode_recall(oracle, samples([50, 50, 0])), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(mode_recall(oracle, samples([25, 25, 50])), torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64))
+    # 1.4 std away is inside radius 3; 2 std away from the mode (1.0) is outside radius 1.5
+    torch.testing.assert_close(mode_recall(oracle, samples([50, 25, 25], off=0.7)), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(mode_recall(oracle, samples([50, 25, 25], off=1.0), radius=1.5), torch.zeros(3, dtype=torch.float64))

@@ -1,0 +1,102 @@
+"""The distillation objectives: the warmup r reaches the tangent, the tangent is normalised, and
+the condition (labels, lam) reaches the teacher and the student (docs/maths.md §3-§6)."""
+import pytest
+import torch
+
+from ayf.math.tangents import emd_tangent
+from ayf.nn import MLP, Cond, FlowMap, GuidedTeacher, NetTeacher
+from ayf.objectives import EMD, LMD, Batch, Consistency, State
+from ayf.tasks import FlowMapDistillation
+
+
+def nets(gen, classes=0, guidance_input=False):
+    """A teacher and a student whose every weight is non-trivial (as after training)."""
+    torch.manual_seed(0)
+    teacher = FlowMap(MLP(2, 16, 2, 8), s_embedding="none", num_classes=classes).double()
+    student = FlowMap(MLP(2, 16, 2, 8), num_classes=classes, guidance_input=guidance_input).double()
+    with torch.no_grad():
+        for p in [*teacher.parameters(), *student.parameters()]:
+            p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return NetTeacher(teacher, unconditional=True), student
+
+
+def inputs(gen, n=32):
+    x0 = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    t = 0.1 + 0.9 * torch.rand(n, generator=gen, dtype=torch.float64)
+    s = t * torch.rand(n, generator=gen, dtype=torch.float64)
+    return x0, eps, t, s
+
+
+def test_emd_tangent_is_affine_in_r_and_uses_it(gen):
+    teacher, student = nets(gen)
+    x0, eps, t, s = inputs(gen)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    v = teacher(x_t, t)
+    g = {r: emd_tangent(student, x_t, t, s, v, r=r)[1] for r in (0.0, 0.5, 1.0)}
+    assert (g[1.0] - g[0.0]).norm() > 1e-3 * g[0.0].norm(), "the tangent ignores r"
+    torch.testing.assert_close(g[0.5], (g[0.0] + g[1.0]) / 2, rtol=1e-10, atol=1e-12)
+
+
+def test_the_tasks_warmup_r_reaches_the_loss(gen):
+    teacher, student = nets(gen)
+    task = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=0.0)
+    batch = {"x": torch.randn(64, 2, generator=gen, dtype=torch.float64)}
+    losses = []
+    for r in (0.0, 0.9):
+        task.tangent_r = r  # what the TangentWarmup callback sets
+        torch.manual_seed(1)  # the same (t, s) and noise for both
+        per, _ = task.objective(task.net, task.to_batch(batch), task.objective_state())
+        losses.append(per)
+    assert not torch.allclose(losses[0], losses[1]), "the warmup r does not reach the tangent"
+
+
+@pytest.mark.parametrize("kind", [EMD, LMD, Consistency])
+def test_the_loss_regresses_onto_the_normalised_tangent(gen, kind):
+    teacher, student = nets(gen)
+    c = 0.3
+    objective = kind(teacher, tangent_norm=c)
+    x0, eps, t, s = inputs(gen)
+    if kind is Consistency:
+        s = torch.zeros_like(s)
+    r = torch.tensor(0.7, dtype=torch.float64)
+    per, stats = objective.compute(student, x0, Cond(), eps, t, s, r=r)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    _, g = objective.tangent(student, x_t, t, s, Cond(), r)
+    norm = g.norm(dim=1)
+    # F - stopgrad(F + g / (|g| + c)) has squared norm |g|^2 / (|g| + c)^2; the mean over D = 2
+    torch.testing.assert_close(per, norm.pow(2) / (norm + c).pow(2) / 2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats["tangent_norm"], norm.mean())
+    assert (norm > 0.05).all()  # a normalisation that is skipped would show
+
+
+def test_consistency_trains_at_s_zero_only(gen):
+    teacher, _ = nets(gen)
+    t, s = Consistency(teacher).pairs(torch.zeros(1000, 2))
+    assert (s == 0).all() and (t > 0).all()
+    t, s = EMD(teacher).pairs(torch.zeros(1000, 2))
+    assert (s > 0).float().mean() > 0.5
+
+
+def test_the_objective_hands_labels_and_lam_to_teacher_and_student(gen):
+    strong, student = nets(gen, classes=3, guidance_input=True)
+    weak, _ = nets(torch.Generator().manual_seed(5), classes=3)
+    objective = EMD(GuidedTeacher(strong, weak), tangent_norm=0.0)
+    x0, eps, t, s = inputs(gen)
+    label = torch.randint(3, (len(t),), generator=gen)
+    r = torch.tensor(0.5, dtype=torch.float64)
+
+    def loss(cond):
+        return objective.compute(student, x0, cond, eps, t, s, r=r)[0]
+
+    base = Cond(label=label, lam=torch.full_like(t, 2.0))
+    assert not torch.allclose(loss(base), loss(base.with_(label=(label + 1) % 3))), "the label is dropped"
+    assert not torch.allclose(loss(base), loss(base.with_(lam=torch.full_like(t, 3.0)))), "lam is dropped"
+    # the lam that draw() puts in the condition is the one the loss uses
+    objective.guidance_range = (1.5, 2.5)
+    cond, _ = objective.draw(Batch(x0, Cond(label=label)))
+    assert cond.lam.min() >= 1.5 and cond.lam.max() <= 2.5 and torch.equal(cond.label, label)
+
+
+def test_state_default_is_the_full_warmup():
+    assert State().r == 0.99
