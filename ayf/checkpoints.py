@@ -49,7 +49,8 @@ _RENAMED_STATE = {"adaptive.": "objective.adaptive."}
 
 
 def _upgrade_config(node):
-    """Format 1 -> 2 of a config tree: FlowMap's ``guidance`` is ``guidance_input``; classes moved."""
+    """Format 1 -> 2 of a config tree: FlowMap's ``guidance`` is ``guidance_input``; classes moved;
+    TimePairSampler lost ``s_zero_only`` (the consistency objective owns its s = 0 rule)."""
     if isinstance(node, list):
         return [_upgrade_config(v) for v in node]
     if not isinstance(node, dict):
@@ -61,6 +62,8 @@ def _upgrade_config(node):
         args = node["init_args"]
         if "guidance" in args:
             args["guidance_input"] = args.pop("guidance")
+    if node.get("class_path") == "ayf.math.TimePairSampler" and isinstance(node.get("init_args"), dict):
+        node["init_args"].pop("s_zero_only", None)
     return node
 
 
