@@ -16,7 +16,6 @@ from ayf.math.losses import (
     rpgan_generator_loss,
 )
 from ayf.math.path import (
-    edm_denoiser_to_velocity,
     interpolate,
     sigma_to_t,
     t_to_sigma,

@@ -28,14 +28,3 @@ def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
 def sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`t_to_sigma`: ``t = sigma / (1 + sigma)``."""
     return sigma / (1 + sigma)
-
-
-def edm_denoiser_to_velocity(denoiser, x_t: torch.Tensor, t: torch.Tensor, *args, **kwargs):
-    """Velocity of an EDM/EDM2 denoiser ``D(x; sigma)`` in ayf's time convention.
-
-    ``sigma = t / (1 - t)``, ``x0_hat = D(x_t / (1 - t); sigma)``, ``v = (x_t - x0_hat) / t``.
-    Exact for ``0 < t < 1``; needs no training (docs/maths.md §1).
-    """
-    tb = bcast(t, x_t)
-    x0_hat = denoiser(x_t / (1 - tb), t_to_sigma(t), *args, **kwargs)
-    return (x_t - x0_hat) / tb

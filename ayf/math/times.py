@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-GRIDS = ("uniform", "power")
-
 
 def logit_normal(batch: int, p_mean: float, p_std: float, generator=None, device=None, dtype=torch.float32):
     """``t = sigmoid(N(p_mean, p_std^2))``, ``(B,)``: the training-time distribution."""
@@ -56,18 +54,12 @@ class TimePairSampler:
         return t, s
 
 
-def time_grid(steps: int, kind: str = "uniform", rho: float = 1.0, dtype=torch.float64):
-    """Sampling grid ``1 = t_0 > t_1 > ... > t_N = 0``, ``(N + 1,)``.
-
-    ``uniform``: equal steps. ``power``: ``t_i = (1 - i / N) ** rho`` (rho > 1 puts more steps
-    near the data end).
-    """
+def time_grid(steps: int, dtype=torch.float64):
+    """Uniform sampling grid ``1 = t_0 > t_1 > ... > t_N = 0``, ``(N + 1,)``; any other grid is
+    given explicitly (:func:`check_grid`, ``ayf sample --grid``)."""
     if int(steps) != steps or steps < 1:
         raise ValueError(f"the number of steps must be a positive integer, got {steps}")
-    if kind not in GRIDS:
-        raise ValueError(f"unknown grid {kind!r}; choose one of {', '.join(GRIDS)}")
-    u = torch.linspace(1.0, 0.0, int(steps) + 1, dtype=dtype)
-    return u if kind == "uniform" else u.pow(rho)
+    return torch.linspace(1.0, 0.0, int(steps) + 1, dtype=dtype)
 
 
 def check_grid(grid) -> torch.Tensor:
