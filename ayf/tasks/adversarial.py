@@ -140,14 +140,14 @@ class AdversarialFinetuning(FlowMapTask):
     def _d(self, x, cond):
         return self.discriminator(x, cond.label if getattr(self.discriminator, "num_classes", 0) else None)
 
-    def discriminator_loss(self, x0, label, steps: int):
+    def discriminator_loss(self, x0, cond, steps: int):
         """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph.
-        label: the batch's condition (:class:`ayf.nn.Cond`)."""
+        cond: the batch's condition (:class:`ayf.nn.Cond`)."""
         with torch.no_grad():
-            fake = self.fakes(x0, label, steps)
+            fake = self.fakes(x0, cond, steps)
         real = x0.detach().requires_grad_(True)
         fake = fake.detach().requires_grad_(True)
-        d_real, d_fake = self._d(real, label), self._d(fake, label)
+        d_real, d_fake = self._d(real, cond), self._d(fake, cond)
         loss = rpgan_discriminator_loss(d_real, d_fake).mean()
         stats = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
         if self.hparams.r1_gamma > 0:
@@ -160,11 +160,10 @@ class AdversarialFinetuning(FlowMapTask):
         """``mean EMD + lambda_adv * RpGAN_G`` and its parts."""
         b = self.to_batch(batch)
         per, stats = self.objective(self.net, b, self.objective_state())
-        x0, label = b.x0, b.cond
-        fake = self.fakes(x0, label, steps)
+        fake = self.fakes(b.x0, b.cond, steps)
         with torch.no_grad():
-            d_real = self._d(x0, label)
-        adv = rpgan_generator_loss(d_real, self._d(fake, label)).mean()
+            d_real = self._d(b.x0, b.cond)
+        adv = rpgan_generator_loss(d_real, self._d(fake, b.cond)).mean()
         regression = per.mean()
         return regression + self.hparams.lambda_adv * adv, {"regression": regression.detach(), "g_adv": adv.detach(), **stats}
 
