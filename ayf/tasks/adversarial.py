@@ -9,11 +9,10 @@ from torch import nn
 
 from ayf.checkpoints import FLOW_MAP_KINDS, ema_weights, network_from_checkpoint, read_checkpoint
 from ayf.errors import ConfigError
-from ayf.math.losses import r1_penalty, rpgan_discriminator_loss, rpgan_generator_loss
-from ayf.math.samplers import sample_flow_map
-from ayf.math.times import TimePairSampler, time_grid
+from ayf.math.times import TimePairSampler
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import Teacher
+from ayf.objectives.adversarial import RpGAN
 from ayf.tasks.flow_maps import FlowMapTask
 
 INIT_WEIGHTS = ("ema", "raw")
@@ -112,6 +111,7 @@ class AdversarialFinetuning(FlowMapTask):
         self._net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
         self.discriminator = discriminator
+        self.adversary = RpGAN(r1_gamma, self.objective.draw_lam)
         self._d_optimizer = d_optimizer or default_gan_optimizer
         self.fake_steps_schedule = sorted((start, [int(k) for k in counts]) for start, counts in schedule.items())
         self.check_discriminator()
@@ -131,39 +131,15 @@ class AdversarialFinetuning(FlowMapTask):
                 self._d_optimizer(list(self.discriminator.parameters()))]
 
     # --- the two losses ---------------------------------------------------------------------
-    def fakes(self, x0, cond, steps: int):
-        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled), at
-        guidance scales drawn like the regression term's."""
-        cond = cond.with_(lam=self.objective.draw_lam(x0))
-        return sample_flow_map(self.net, torch.randn_like(x0), time_grid(steps).to(x0), cond)
-
-    def _d(self, x, cond):
-        return self.discriminator(x, cond.label if getattr(self.discriminator, "num_classes", 0) else None)
-
     def discriminator_loss(self, x0, cond, steps: int):
-        """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics; fakes carry no graph.
-        cond: the batch's condition (:class:`ayf.nn.Cond`)."""
-        with torch.no_grad():
-            fake = self.fakes(x0, cond, steps)
-        real = x0.detach().requires_grad_(True)
-        fake = fake.detach().requires_grad_(True)
-        d_real, d_fake = self._d(real, cond), self._d(fake, cond)
-        loss = rpgan_discriminator_loss(d_real, d_fake).mean()
-        stats = {"d_real": d_real.mean().detach(), "d_fake": d_fake.mean().detach()}
-        if self.hparams.r1_gamma > 0:
-            r1, r2 = r1_penalty(d_real, real).mean(), r1_penalty(d_fake, fake).mean()
-            loss = loss + self.hparams.r1_gamma / 2 * (r1 + r2)
-            stats.update(r1=r1.detach(), r2=r2.detach())
-        return loss, stats
+        """``RpGAN_D + gamma / 2 (R1 + R2)`` (mean) and statistics."""
+        return self.adversary.discriminator_loss(self.discriminator, self.net, x0, cond, steps)
 
     def generator_loss(self, batch, steps: int):
         """``mean EMD + lambda_adv * RpGAN_G`` and its parts."""
         b = self.to_batch(batch)
         per, stats = self.objective(self.net, b, self.objective_state())
-        fake = self.fakes(b.x0, b.cond, steps)
-        with torch.no_grad():
-            d_real = self._d(b.x0, b.cond)
-        adv = rpgan_generator_loss(d_real, self._d(fake, b.cond)).mean()
+        adv = self.adversary.generator_loss(self.discriminator, self.net, b.x0, b.cond, steps)
         regression = per.mean()
         return regression + self.hparams.lambda_adv * adv, {"regression": regression.detach(), "g_adv": adv.detach(), **stats}
 
