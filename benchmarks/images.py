@@ -89,11 +89,17 @@ def test_once(config, out, name, ckpt, extra=()):
 
 def edited_config(config, out, edits):
     """``config`` with its callbacks' init_args edited (``{"TangentWarmup.horizon": "1000"}``), written to
-    ``<out>/configs/``; ``config`` itself when there are no edits. Its ``data:`` file is kept by absolute path."""
+    ``<out>/configs/``; ``config`` itself when there are no edits. Its ``config:`` and ``data:`` files are kept by
+    absolute path."""
     if not edits:
         return config
     cfg = yaml.safe_load(open(config))
-    callbacks = cfg["trainer"].get("callbacks", [])
+    here = os.path.dirname(os.path.abspath(config))
+    callbacks, source = cfg.get("trainer.callbacks"), config
+    while callbacks is None and isinstance(yaml.safe_load(open(source)).get("config"), str):
+        source = os.path.join(os.path.dirname(os.path.abspath(source)), yaml.safe_load(open(source))["config"])
+        callbacks = yaml.safe_load(open(source)).get("trainer.callbacks")  # from an included stage file
+    callbacks = cfg["trainer.callbacks"] = callbacks or []
     for key, value in edits.items():
         cls, arg = key.rsplit(".", 1)
         hits = [c for c in callbacks if c["class_path"].split(".")[-1] == cls]
@@ -101,8 +107,9 @@ def edited_config(config, out, edits):
             c.setdefault("init_args", {})[arg] = yaml.safe_load(value)
         if not hits:
             print(f"note: {os.path.basename(config)} has no {cls} callback; {key} left out", flush=True)
-    if isinstance(cfg.get("data"), str):
-        cfg["data"] = os.path.join(os.path.dirname(os.path.abspath(config)), cfg["data"])
+    for key in ("data", "config"):  # included files, kept by absolute path
+        if isinstance(cfg.get(key), str):
+            cfg[key] = os.path.join(here, cfg[key])
     path = os.path.join(out, "configs", os.path.basename(config))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:

@@ -1,3 +1,4 @@
+import contextlib
 import glob
 import os
 import re
@@ -9,29 +10,21 @@ import pytest
 import torch
 import yaml
 
+from ayf.checkpoints import load_network
 from ayf.cli import main
 from ayf.math.samplers import sample_flow_map
 from ayf.math.times import time_grid
-from ayf.nn.io import load_network
+from tests.toy_runs import CONF, SMALL_NET, blobs, shipped, toy_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-RUN_CONFIGS = [c for c in CONFIGS if "model" in (yaml.safe_load(open(c)) or {})]
-# configs that change a few options of a sibling and are layered over it: `--config BASE --config C`
-LAYERED_OVER = {"adversarial_multistep.yaml": "adversarial.yaml"}
+# the stage configs: those that name a model (base.yaml and data.yaml are pulled in by them)
+RUN_CONFIGS = [c for c in CONFIGS if any(k == "model" or k.startswith("model.") for k in yaml.safe_load(open(c)) or {})]
 
 
-def tiny(tmp_path, config, steps=3, extra=()):
-    return [
-        "fit", "--config", config,
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.net.init_args.backbone.init_args.width", "16",
-        "--model.net.init_args.backbone.init_args.depth", "1",
-        "--data.init_args.batch_size", "32", "--data.init_args.train_samples", "256",
-        "--data.init_args.val_samples", "64", *extra,
-    ]
+def tiny(tmp_path, stage, steps=3, extra=()):
+    """``ayf fit`` of configs/toy/<stage>.yaml under tests/conf/toy/tiny.yaml and small_net.yaml."""
+    return toy_args(tmp_path, stage, steps=steps, extra=[*SMALL_NET, *extra])
 
 
 def leaves(tree, prefix=""):
@@ -43,6 +36,37 @@ def leaves(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def layered(path):
+    """A config file as its layers give it, before defaults: the file it pulls in with ``config:``
+    first, then its dotted keys (``trainer.max_steps: 3``) set single values, its other keys whole."""
+    given = dict(yaml.safe_load(open(path)))
+    tree = layered(os.path.join(os.path.dirname(path), given.pop("config"))) if "config" in given else {}
+    for key, value in given.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def holds(printed, given, where):
+    """Every value of ``given`` is in ``printed``: mappings may hold more keys (the defaults; keys
+    read as text), lists the same number of items."""
+    if isinstance(given, dict):
+        assert isinstance(printed, dict), f"{where}: {printed!r} is not a mapping"
+        printed = {str(k): v for k, v in printed.items()}
+        for key, value in given.items():
+            assert str(key) in printed, f"{where}.{key} missing"
+            holds(printed[str(key)], value, f"{where}.{key}")
+    elif isinstance(given, list):
+        assert isinstance(printed, list) and len(printed) == len(given), f"{where}: {printed!r} != {given!r}"
+        for n, (p, g) in enumerate(zip(printed, given, strict=True)):
+            holds(p, g, f"{where}[{n}]")
+    else:
+        assert printed == given, f"{where}: {printed!r} != {given!r}"
+
+
 def last_ckpt(tmp_path, name):
     (path,) = glob.glob(str(tmp_path / name / "version_*" / "checkpoints" / "last.ckpt"))
     return path
@@ -50,18 +74,44 @@ def last_ckpt(tmp_path, name):
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=[os.path.relpath(c, ROOT) for c in RUN_CONFIGS])
 def test_every_shipped_config_parses(config, capsys):
-    base = LAYERED_OVER.get(os.path.basename(config))
-    layers = ["--config", os.path.join(os.path.dirname(config), base)] if base else []
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *layers, "--config", config, "--print_config"])
+        main(["fit", "--config", config, "--print_config"])
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    if base:  # every option the layer sets wins over its base
-        for key, value in leaves(yaml.safe_load(open(config))):
-            assert dict(leaves(printed)).get(key) == value, key
+    # the layers hold: the dataset's base.yaml (seed, trainer, logger), then the stage's own values
+    dataset, stage = os.path.basename(os.path.dirname(config)), os.path.basename(config)[:-5]
+    want = layered(config)
+    assert printed["seed_everything"] == want["seed_everything"] == 0
+    holds(printed["trainer"], want["trainer"], "trainer")
+    assert printed["trainer"]["default_root_dir"] == printed["trainer"]["logger"]["init_args"]["save_dir"] == f"runs/{dataset}"
+    assert printed["trainer"]["logger"]["init_args"]["name"] == stage  # runs/<dataset>/<stage>/version_N
+    for key, value in yaml.safe_load(open(config)).items():
+        if key.startswith("model."):  # a dotted override of the model of the config it pulls in
+            node = printed
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{key} missing"
+                node = node[part]
+            holds(node, value, key)
     assert printed["model"]["class_path"].startswith("ayf.tasks.")
     data = printed["data"]["init_args"]
     assert data["mixture"]["means"] if "mixture" in data else data["train"].startswith("data/")
+
+
+def test_the_multistep_recipe_is_adversarial_yaml_with_its_own_values(capsys):
+    """configs/digits/adversarial_multistep.yaml pulls in adversarial.yaml and changes three values; the
+    README's two-file form (adversarial.yaml, then adversarial_multistep.yaml) gives the same config."""
+    def printed(*stages):
+        with pytest.raises(SystemExit):
+            main(["fit", *[a for n in stages for a in ("--config", shipped("digits", n))], "--print_config"])
+        return dict(leaves(yaml.safe_load(capsys.readouterr().out)))
+
+    adversarial, multistep = printed("adversarial"), printed("adversarial_multistep")
+    assert printed("adversarial", "adversarial_multistep") == multistep
+    changed = {k: (adversarial.get(k), multistep.get(k)) for k in adversarial.keys() | multistep.keys()
+               if adversarial.get(k) != multistep.get(k)}
+    assert changed == {"trainer.max_steps": (4000, 10000),
+                       "trainer.logger.init_args.name": ("adversarial", "adversarial_multistep"),
+                       "model.init_args.fake_steps_schedule.8000": (None, [1, 2, 4, 8, 8])}
 
 
 def test_parsing_an_image_config_needs_no_data_on_disk(capsys):
@@ -80,14 +130,13 @@ def test_top_level_help_names_subcommands(capsys):
 
 
 def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
-    cfg = os.path.join(ROOT, "configs", "toy")
-    assert main(tiny(tmp_path, f"{cfg}/teacher.yaml")) == 0
+    assert main(tiny(tmp_path, "teacher")) == 0
     teacher = last_ckpt(tmp_path, "teacher")
     assert os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(teacher)), "samples", "step_0000003.png"))
-    extra = ["--model.teacher", "ayf.nn.CheckpointTeacher", "--model.teacher.ckpt_path", teacher]
-    assert main(tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=extra)) == 0
+    extra = ["--model.teacher", "ayf.checkpoints.CheckpointTeacher", "--model.teacher.ckpt_path", teacher]
+    assert main(tiny(tmp_path, "distill_emd", extra=extra)) == 0
     student = last_ckpt(tmp_path, "distill_emd")
-    test_args = tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*extra, "--ckpt_path", student])
+    test_args = tiny(tmp_path, "distill_emd", extra=[*extra, "--ckpt_path", student])
     assert main(["test", *test_args[1:]]) == 0
     assert "test/loss" in capsys.readouterr().out
     noise = np.random.default_rng(0).standard_normal((37, 2)).astype(np.float32)
@@ -98,7 +147,7 @@ def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
     got = np.load(out)
     net, _ = load_network(student)
     with torch.no_grad():
-        want = sample_flow_map(lambda a, t, s: net(a, t, s), torch.from_numpy(noise), time_grid(4).float())
+        want = sample_flow_map(net, torch.from_numpy(noise), time_grid(4).float())
     assert got.shape == (37, 2)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
     # an explicit grid with the same times gives the same array; refusing to overwrite
@@ -122,26 +171,25 @@ def printed_test_loss(out: str) -> float:
 def test_ayf_test_uses_the_teacher_and_time_sampler_the_student_was_distilled_with(tmp_path, capsys):
     # the config's teacher is the analytic mixture; the student was distilled from a trained teacher
     # given on the command line only, with another time sampler
-    cfg = os.path.join(ROOT, "configs", "toy")
-    assert main(tiny(tmp_path, f"{cfg}/teacher.yaml")) == 0
-    typed = ["--model.teacher", "ayf.nn.CheckpointTeacher", "--model.teacher.ckpt_path", last_ckpt(tmp_path, "teacher"),
+    assert main(tiny(tmp_path, "teacher")) == 0
+    typed = ["--model.teacher", "ayf.checkpoints.CheckpointTeacher", "--model.teacher.ckpt_path", last_ckpt(tmp_path, "teacher"),
              "--model.time_sampler.init_args.p_mean", "0.5"]
-    assert main(tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=typed)) == 0
+    assert main(tiny(tmp_path, "distill_emd", extra=typed)) == 0
     student = ["--ckpt_path", last_ckpt(tmp_path, "distill_emd")]
     capsys.readouterr()
-    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=student)[1:]]) == 0
+    assert main(["test", *tiny(tmp_path, "distill_emd", extra=student)[1:]]) == 0
     out, err = capsys.readouterr()
     assert "model.init_args.teacher" in err and "model.init_args.time_sampler.init_args.p_mean" in err
-    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*typed, *student])[1:]]) == 0
+    assert main(["test", *tiny(tmp_path, "distill_emd", extra=[*typed, *student])[1:]]) == 0
     assert printed_test_loss(out) == printed_test_loss(capsys.readouterr().out)
     # a teacher typed on the command line still wins over the stored one
-    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=[*student, "--model.teacher",
+    assert main(["test", *tiny(tmp_path, "distill_emd", extra=[*student, "--model.teacher",
                                                                           "ayf.nn.MixtureTeacher"])[1:]]) == 0
     assert printed_test_loss(capsys.readouterr().out) != printed_test_loss(out)
     # the stored teacher moved away: one line naming it
     teacher = last_ckpt(tmp_path, "teacher")
     os.rename(teacher, teacher + ".moved")
-    assert main(["test", *tiny(tmp_path, f"{cfg}/distill_emd.yaml", extra=student)[1:]]) == 2
+    assert main(["test", *tiny(tmp_path, "distill_emd", extra=student)[1:]]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ayf: error:")]
     assert len(errors) == 1 and f"teacher checkpoint not found: {teacher}" in errors[0]
 
@@ -149,16 +197,11 @@ def test_ayf_test_uses_the_teacher_and_time_sampler_the_student_was_distilled_wi
 def test_resume_keeps_model_options_typed_on_the_command_line(tmp_path, capsys):
     # Lightning's --ckpt_path hands the model the checkpoint's hyperparameters; options typed on the
     # command line must still win, and config-file values that the checkpoint's replace are named.
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "toy", "teacher.yaml")))
-    cfg["data"] = os.path.join(ROOT, "configs", "toy", cfg["data"])
-    config = tmp_path / "teacher.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    assert main(tiny(tmp_path, str(config))) == 0
-    cfg["model"]["init_args"]["p_std"] = 2.0  # edited after the run
-    config.write_text(yaml.safe_dump(cfg))
-    resumed = ["--ckpt_path", last_ckpt(tmp_path, "teacher"), "--model.p_mean=0.7", "--trainer.logger.init_args.name", "resumed"]
+    assert main(tiny(tmp_path, "teacher")) == 0
+    edited = ["--config", os.path.join(CONF, "toy", "teacher_p_std.yaml")]  # the config, edited after the run
+    resumed = [*edited, "--ckpt_path", last_ckpt(tmp_path, "teacher"), "--model.p_mean=0.7", "--trainer.logger.init_args.name", "resumed"]
     capsys.readouterr()
-    assert main(tiny(tmp_path, str(config), steps=6, extra=resumed)) == 0
+    assert main(tiny(tmp_path, "teacher", steps=6, extra=resumed)) == 0
     assert "replace the config's model.init_args.p_std;" in capsys.readouterr().err
     ckpt = torch.load(last_ckpt(tmp_path, "resumed"), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
@@ -168,7 +211,7 @@ def test_resume_keeps_model_options_typed_on_the_command_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def student_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("student")
-    assert main(tiny(tmp, os.path.join(ROOT, "configs", "toy", "distill_lmd.yaml"), steps=2)) == 0
+    assert main(tiny(tmp, "distill_lmd", steps=2)) == 0
     return last_ckpt(tmp, "distill_lmd")
 
 
@@ -199,11 +242,10 @@ def test_sample_rejects_files_that_are_not_ayf_checkpoints(tmp_path, capsys):
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
-    cfg = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
-    assert main(tiny(tmp_path, cfg, extra=["--model.objective", "sid"])) == 2
+    assert main(tiny(tmp_path, "distill_emd", extra=["--model.objective", "sid"])) == 2
     assert "unknown objective 'sid'" in capsys.readouterr().err
     three_d = '{"means": [[0, 0, 0]], "stds": [1], "weights": [1]}'
-    assert main(tiny(tmp_path, cfg, extra=["--model.teacher.init_args.mixture", three_d])) == 2
+    assert main(tiny(tmp_path, "distill_emd", extra=["--model.teacher.init_args.mixture", three_d])) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ayf: error:")]
     assert "Traceback" not in err and len(errors) == 1
@@ -217,3 +259,82 @@ def test_console_run_parses_argv_without_lightning_warning():
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["trainer"]["max_steps"] == 7
     assert "args parameter" not in done.stderr, done.stderr
+
+
+# Every shipped stage config gets a tiny fit: these stages in other tests, the rest below.
+FIT_ELSEWHERE = {
+    "toy/teacher": "test_cli.py::test_fit_teacher_then_distil_then_sample_with_noise_file",
+    "toy/distill_emd": "test_cli.py::test_fit_teacher_then_distil_then_sample_with_noise_file",
+    "toy/distill_lmd": "test_cli.py::student_ckpt",
+    "toy/teacher_cond": "test_guidance_cli.py::teachers",
+    "toy/teacher_weak": "test_guidance_cli.py::teachers",
+    "toy/distill_cfg": "test_guidance_cli.py::test_guided_student_fits_tests_and_samples_at_any_lam",
+    "toy/distill_autoguidance": "test_guidance_cli.py::test_guided_student_fits_tests_and_samples_at_any_lam",
+    "toy/adversarial": "test_guidance_cli.py::test_adversarial_stage_through_the_cli",
+    "digits/teacher": "test_images.py::test_image_fit_then_ayf_test_writes_fidelity_json",
+    "digits/distill_emd": "test_images.py::test_image_fit_then_ayf_test_writes_fidelity_json",
+}
+STAGES = [os.path.relpath(c, os.path.join(ROOT, "configs"))[:-5] for c in RUN_CONFIGS]
+FIT_HERE = [stage for stage in STAGES if stage not in FIT_ELSEWHERE]
+# image stages read the checkpoints of these stages, at the shipped runs/<dataset>/<stage>/version_0/...
+READS = {"distill_emd": ["teacher"], "distill_cfg": ["teacher"], "distill_autoguidance": ["teacher"],
+         "adversarial": ["teacher", "distill_emd"], "adversarial_multistep": ["teacher", "distill_emd"],
+         "adversarial_autoguidance": ["teacher", "distill_autoguidance"]}
+# teachers the image configs name that no tiny run writes (teacher_cfg, a 1000-step checkpoint, a smaller
+# weak teacher): the tiny teacher's last checkpoint stands in; it is trained with label dropout, for CFG
+STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_path",
+            "distill_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path",
+            "adversarial_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path"}
+
+
+def stage_args(dataset, stage):
+    """``ayf fit`` of a shipped stage under its tests/conf/<dataset> overlays."""
+    overlay = "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy" else "tiny_net"
+    args = ["fit", "--config", shipped(dataset, stage), *[a for n in ("tiny", overlay) for a in
+                                                         ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
+    if dataset != "toy" and stage == "teacher":
+        args += ["--model.label_dropout", "0.1"]
+    if dataset != "toy" and stage in STAND_IN:
+        args += [STAND_IN[stage], f"runs/{dataset}/teacher/version_0/checkpoints/last.ckpt"]
+    return args
+
+
+def write_image_data(dataset):
+    """Tiny shards in data/<dataset>/{train,val} and a feature extractor in data/<dataset>/features.pt."""
+    images, labels = blobs(64)
+    np.savez(f"{dataset}.npz", images=images, labels=labels)
+    assert main(["shards", "arrays", "--images", f"{dataset}.npz", "--output", f"data/{dataset}", "--val_fraction", "0.25"]) == 0
+    assert main(["features", "fit", "--train", f"data/{dataset}/train", "--val", f"data/{dataset}/val", "--output",
+                 f"data/{dataset}/features.pt", "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0
+
+
+@pytest.fixture(scope="module")
+def fit_stage(tmp_path_factory):
+    """Fits a shipped stage once in a scratch directory laid out like the repository's (data/<dataset>/,
+    runs/<dataset>/), after the stages whose checkpoints it reads; returns its run directory."""
+    root = tmp_path_factory.mktemp("repo")
+    done = {}
+
+    def fit(dataset, stage):
+        if (dataset, stage) not in done:
+            for earlier in READS.get(stage, []) if dataset != "toy" else []:
+                fit(dataset, earlier)
+            with contextlib.chdir(root):
+                if dataset != "toy" and not os.path.isdir(f"data/{dataset}"):
+                    write_image_data(dataset)
+                assert main(stage_args(dataset, stage)) == 0
+            done[dataset, stage] = root / "runs" / dataset / stage / "version_0"
+        return done[dataset, stage]
+
+    return fit
+
+
+@pytest.mark.parametrize("stage", FIT_HERE)
+def test_tiny_fit_of_a_shipped_stage(fit_stage, stage):
+    dataset, name = stage.split("/")
+    run = fit_stage(dataset, name)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    steps = 4 if name.startswith("adversarial") else 3
+    assert ckpt["global_step"] == steps
+    # validation ran after the last step, with the stage's sample plot (toy) or image grid
+    assert os.path.isfile(run / ("samples" if dataset == "toy" else "grids") / f"step_{steps:07d}.png")
