@@ -101,8 +101,7 @@ def main(argv) -> int:
         noise = torch.randn(args.num_samples or 1000, *shape, generator=gen)
     lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
     if net.is_flow_map:
-        if lam is not None and not net.guidance_input:
-            raise ConfigError(f"{args.ckpt_path} was not distilled with guidance: leave out --guidance")
+        net.check_lam(lam)
         model = net
     else:  # a teacher: classifier-free guidance when asked
         model = velocity_teacher(net, meta.get("label_dropout"), lam)

@@ -84,9 +84,15 @@ class FlowMap(nn.Module):
         if self.guidance_emb is not None:
             lam = torch.ones_like(t) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)
             emb = emb + self.guidance_emb(lam - 1.0)
-        elif cond.lam is not None:
-            raise ConfigError("this network takes no guidance scale (it was not distilled from a guided teacher)")
+        else:
+            self.check_lam(cond.lam)
         return self.backbone(x, emb, cond)
+
+    def check_lam(self, lam) -> None:
+        """A guidance scale given to a net without the guidance input is a ConfigError."""
+        if lam is not None and self.guidance_emb is None:
+            raise ConfigError("this network was not distilled with guidance (no guidance input): "
+                              "leave out the guidance scale")
 
     def velocity(self, x, t, cond: Optional[Cond] = None):
         """Instantaneous velocity ``v(x, t) = F(x, t, t)``."""

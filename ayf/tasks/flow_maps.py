@@ -62,8 +62,7 @@ class FlowMapTask(AyfTask):
 
     # --- sampling ---------------------------------------------------------------------------
     def sampling_model(self, lam):
-        if lam is not None and not self.net.guidance_input:
-            raise ConfigError("this flow map was not distilled with guidance; sample it without a guidance scale")
+        self.net.check_lam(lam)
         return self.net, lam
 
     def set_sample_guidance(self, lam: float) -> None:
