@@ -26,7 +26,7 @@ Configs: configs/{toy,digits,fashion_mnist}.
 `ayf test` with the ayf.callbacks.FidelityMetrics callback writes FD / KID / precision / recall to
 <log_dir>/fidelity.json, where <log_dir> is a NEW version folder of the test run's logger
 (<save_dir>/<name>/version_N), not the folder of the tested checkpoint; the path is printed at the
-end, and `--trainer.callbacks+=...` or FidelityMetrics' `output` choose another file.
+end, and FidelityMetrics' `output` argument chooses another file.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test")
