@@ -20,8 +20,10 @@ from ayf.nn.teachers import NetTeacher
 
 #: layout of the ``ayf`` record: 2 since FlowMap's ``guidance_input`` and the tasks' objectives
 FORMAT = 2
+#: the kind of a teacher converted from another codebase by ``ayf convert``
+CONVERTED_KIND = "Converted"
 #: task kinds whose checkpoints hold a velocity model (a teacher)
-TEACHER_KINDS = ("FlowMatching",)
+TEACHER_KINDS = ("FlowMatching", "Realignment", CONVERTED_KIND)
 #: task kinds whose checkpoints hold a flow map (sampled with the flow-map sampler)
 FLOW_MAP_KINDS = ("FlowMapDistillation", "AdversarialFinetuning")
 #: the EMA callback's key in ``checkpoint["callbacks"]``

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-HELP = """usage: ayf {fit,validate,test,sample,shards,features,upgrade} [options]
+HELP = """usage: ayf {fit,validate,test,sample,convert,shards,features,upgrade} [options]
 
 Align Your Flow: distil diffusion / flow-matching teachers into few-step flow maps.
 
@@ -14,6 +14,7 @@ subcommands:
   validate   run the validation loop of a config on a checkpoint (--ckpt_path FILE)
   test       run the test loop of a config on a checkpoint (--ckpt_path FILE)
   sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
+  convert    turn a foreign network into an ayf teacher: ayf convert edm2 EXPORT.pt --output TEACHER.ckpt
   shards     write an image dataset as WebDataset shards: ayf shards digits --output data/digits
   features   train the classifier feature extractor used by FD/KID/PR: ayf features fit --help
   upgrade    convert a checkpoint written by an older ayf: ayf upgrade OLD.ckpt NEW.ckpt
@@ -30,7 +31,7 @@ end, and FidelityMetrics' `output` argument chooses another file.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test")
-TOOLS = {"sample": "ayf.sample", "shards": "ayf.make_shards", "features": "ayf.metrics.features",
+TOOLS = {"sample": "ayf.sample", "convert": "ayf.convert", "shards": "ayf.make_shards", "features": "ayf.metrics.features",
          "upgrade": "ayf.checkpoints"}
 
 

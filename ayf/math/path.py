@@ -28,3 +28,21 @@ def t_to_sigma(t: torch.Tensor) -> torch.Tensor:
 def sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`t_to_sigma`: ``t = sigma / (1 + sigma)``."""
     return sigma / (1 + sigma)
+
+
+def edm_precond(t: torch.Tensor, sigma_data: float):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) rewritten in ayf's time, so that a
+    network ``N`` of EDM's kind gives the velocity without dividing by t (docs/maths.md §10):
+
+    ``v(x_t, t) = c_skip x_t + c_out N(c_in x_t)`` with ``q = t^2 + sigma_data^2 (1 - t)^2``,
+    ``c_in = 1 / sqrt(q)``, ``c_skip = (t - sigma_data^2 (1 - t)) / q`` and
+    ``c_out = -sigma_data / sqrt(q)``.
+
+    This equals ``(x_t - D(x_t / (1 - t); sigma)) / t`` with ``sigma = t / (1 - t)`` and EDM's
+    ``D = c_skip' x + c_out' N(c_in' x)``, and it stays finite on all of [0, 1]. t: ``(B,)``;
+    returns three ``(B,)`` tensors.
+    """
+    sd2 = sigma_data**2
+    q = t * t + sd2 * (1 - t) ** 2
+    root = q.sqrt()
+    return 1 / root, (t - sd2 * (1 - t)) / q, -sigma_data / root

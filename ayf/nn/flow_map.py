@@ -24,6 +24,12 @@ class FlowMap(nn.Module):
     The s and guidance branches start at zero, so a student copied from a teacher (which has
     ``s_embedding: none``) satisfies ``F(x, t, s) = v(x, t)`` for every s at init.
 
+    A backbone with its own time conditioning (``conditions_on_time = True``: a converted EDM2
+    network, a diffusers model) is called ``backbone(x, t, extra, cond)`` and returns the
+    velocity-parametrised output itself; its architecture fixes how t and the label enter, so
+    FlowMap adds only the s and guidance branches, as ``extra`` (None for a velocity model), which
+    the backbone adds to its conditioning vector before its first nonlinearity.
+
     Args:
         backbone: network ``(x, emb, cond) -> output``; must expose ``emb_dim`` and ``data_shape``.
         s_embedding: how the target time enters: ``t_minus_s`` (default), ``s``, or ``none``
@@ -55,9 +61,15 @@ class FlowMap(nn.Module):
         self.num_classes = num_classes
         self.guidance_input = guidance_input
         emb = backbone.emb_dim
-        self.t_emb = ScalarEmbedding(emb, num_freqs, max_freq)
+        self.native = bool(getattr(backbone, "conditions_on_time", False))
+        if self.native:
+            own = int(getattr(backbone, "num_classes", 0))
+            if num_classes not in (0, own):
+                raise ConfigError(f"num_classes {num_classes} disagrees with the backbone's {own}")
+            self.num_classes = num_classes = own
+        self.t_emb = None if self.native else ScalarEmbedding(emb, num_freqs, max_freq)
         self.s_emb = ScalarEmbedding(emb, num_freqs, max_freq, zero_init=True) if s_embedding != "none" else None
-        self.label_emb = nn.Embedding(num_classes, emb) if num_classes > 0 else None
+        self.label_emb = nn.Embedding(num_classes, emb) if num_classes > 0 and not self.native else None
         self.guidance_emb = ScalarEmbedding(emb, num_freqs, 4.0, zero_init=True) if guidance_input else None
 
     @property
@@ -72,21 +84,30 @@ class FlowMap(nn.Module):
         """``F(x, t, s)``; x ``(B, *D)``, t and s ``(B,)``. ``s = None`` means s = t: the
         instantaneous velocity ``v(x, t)`` (a velocity model, which has no s branch, ignores s)."""
         cond = NO_COND if cond is None else cond
-        emb = self.t_emb(t)
-        if self.s_emb is not None:
-            s = t if s is None else s
-            emb = emb + self.s_emb(t - s if self.s_embedding == "t_minus_s" else s)
+        if self.native:
+            return self.backbone(x, t, self._branches(t, s, cond, None), cond)
+        emb = self._branches(t, s, cond, self.t_emb(t))
         if self.label_emb is not None:
             if cond.label is None:
                 raise ConfigError("this model is class-conditional: pass a label")
             known = (cond.label >= 0).unsqueeze(1)
             emb = emb + self.label_emb(cond.label.clamp(min=0)) * known.to(emb.dtype)
+        return self.backbone(x, emb, cond)
+
+    def _branches(self, t, s, cond: Cond, emb):
+        """``emb`` plus the s and guidance branches (None stays None when there are none)."""
+        def add(a, b):
+            return b if a is None else a + b
+
+        if self.s_emb is not None:
+            s = t if s is None else s
+            emb = add(emb, self.s_emb(t - s if self.s_embedding == "t_minus_s" else s))
         if self.guidance_emb is not None:
             lam = torch.ones_like(t) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)
-            emb = emb + self.guidance_emb(lam - 1.0)
+            emb = add(emb, self.guidance_emb(lam - 1.0))
         else:
             self.check_lam(cond.lam)
-        return self.backbone(x, emb, cond)
+        return emb
 
     def check_lam(self, lam) -> None:
         """A guidance scale given to a net without the guidance input is a ConfigError."""

@@ -77,11 +77,12 @@ class UNetBlock(nn.Module):
     blended with the input; optional self-attention."""
 
     def __init__(self, cin, cout, emb_dim, flavor, resample=None, attention=False, channels_per_head=64,
-                 dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256.0):
+                 dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256.0, at_least_one_head=True):
         super().__init__()
         self.flavor, self.resample, self.out_channels = flavor, resample, cout
         self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
-        self.num_heads = max(1, cout // channels_per_head) if attention else 0
+        heads = cout // channels_per_head
+        self.num_heads = (max(1, heads) if at_least_one_head else heads) if attention else 0
         self.emb_gain = nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, (3, 3))
         self.emb_linear = MPConv(emb_dim, cout, ())
@@ -163,44 +164,59 @@ class UNet(nn.Module):
         self.concat_balance = concat_balance
         kw = dict(emb_dim=emb_dim, channels_per_head=channels_per_head, dropout=dropout)
         self.emb_in = MPConv(emb_dim, emb_dim, ())
-
-        self.enc = nn.ModuleDict()
-        cout = img_channels + 1  # a constant channel lets the first conv see the image border
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels * mult
-                self.enc[f"{res}_conv"] = MPConv(cin, cout, (3, 3))
-            else:
-                self.enc[f"{res}_down"] = UNetBlock(cout, cout, flavor="enc", resample="down", **kw)
-            for i in range(num_blocks):
-                cin, cout = cout, channels * mult
-                self.enc[f"{res}_block{i}"] = UNetBlock(cin, cout, flavor="enc", attention=res in attn_resolutions, **kw)
-        skips = [m.out_channels for m in self.enc.values()]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == levels - 1:
-                self.dec[f"{res}_in0"] = UNetBlock(cout, cout, flavor="dec", attention=True, **kw)
-                self.dec[f"{res}_in1"] = UNetBlock(cout, cout, flavor="dec", **kw)
-            else:
-                self.dec[f"{res}_up"] = UNetBlock(cout, cout, flavor="dec", resample="up", **kw)
-            for i in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels * mult
-                self.dec[f"{res}_block{i}"] = UNetBlock(cin, cout, flavor="dec", attention=res in attn_resolutions, **kw)
+        self.enc, self.dec, cout = unet_levels(img_channels, img_resolution, [channels * m for m in channel_mult],
+                                               num_blocks, attn_resolutions, kw, lambda res, part: f"{res}_{part}")
         self.out_conv = MPConv(cout, img_channels, (3, 3))
         self.out_gain = nn.Parameter(torch.zeros([]))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, cond=None) -> torch.Tensor:
         emb = mp_silu(self.emb_in(mp_normalize(emb, dim=1)))
-        h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
-        for name, block in self.enc.items():
-            h = block(h) if name.endswith("_conv") else block(h, emb)
-            skips.append(h)
-        for name, block in self.dec.items():
-            if "_block" in name:
-                h = mp_cat(h, skips.pop(), t=self.concat_balance)
-            h = block(h, emb)
-        return self.out_conv(h, gain=self.out_gain)
+        return self.out_conv(run_unet(self.enc, self.dec, x, emb, self.concat_balance), gain=self.out_gain)
+
+
+def unet_levels(img_channels: int, img_resolution: int, level_channels: Sequence[int], num_blocks: int,
+                attn_resolutions: Sequence[int], block_kw: dict, key):
+    """The encoder and decoder of EDM2's U-Net layout (Karras et al. 2024, Fig. 21): per level
+    ``num_blocks`` encoder blocks after a stem conv (level 0) or a downsampling block, two
+    attention-and-plain blocks at the bottom, and per level an upsampling block (not at the
+    bottom) and ``num_blocks + 1`` decoder blocks fed by the skips. ``key(res, part)`` names the
+    modules. Returns ``(enc, dec, out_channels)``."""
+    enc = nn.ModuleDict()
+    cout = img_channels + 1  # a constant channel lets the first conv see the image border
+    for level, channels in enumerate(level_channels):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, channels
+            enc[key(res, "conv")] = MPConv(cin, cout, (3, 3))
+        else:
+            enc[key(res, "down")] = UNetBlock(cout, cout, flavor="enc", resample="down", **block_kw)
+        for i in range(num_blocks):
+            cin, cout = cout, channels
+            enc[key(res, f"block{i}")] = UNetBlock(cin, cout, flavor="enc", attention=res in attn_resolutions, **block_kw)
+    skips = [m.out_channels for m in enc.values()]
+    dec = nn.ModuleDict()
+    for level, channels in reversed(list(enumerate(level_channels))):
+        res = img_resolution >> level
+        if level == len(level_channels) - 1:
+            dec[key(res, "in0")] = UNetBlock(cout, cout, flavor="dec", attention=True, **block_kw)
+            dec[key(res, "in1")] = UNetBlock(cout, cout, flavor="dec", **block_kw)
+        else:
+            dec[key(res, "up")] = UNetBlock(cout, cout, flavor="dec", resample="up", **block_kw)
+        for i in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), channels
+            dec[key(res, f"block{i}")] = UNetBlock(cin, cout, flavor="dec", attention=res in attn_resolutions, **block_kw)
+    return enc, dec, cout
+
+
+def run_unet(enc: nn.ModuleDict, dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor, concat_balance: float):
+    """Runs :func:`unet_levels`' modules on ``x`` (B, C, H, W) with the block conditioning ``emb``."""
+    h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    skips = []
+    for name, block in enc.items():
+        h = block(h) if name.endswith("_conv") else block(h, emb)
+        skips.append(h)
+    for name, block in dec.items():
+        if "_block" in name:
+            h = mp_cat(h, skips.pop(), t=concat_balance)
+        h = block(h, emb)
+    return h
