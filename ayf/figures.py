@@ -19,7 +19,14 @@ def to_uint8(x):
 
 
 def tile(images: torch.Tensor, cols: int) -> torch.Tensor:
-    """``(N, C, H, W)`` in [-1, 1] -> one ``(H', W', C)`` float image in [0, 1], 1-pixel gaps."""
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(H', W', C)`` float image in [0, 1], 1-pixel gaps.
+
+    Images of 1 or 3 channels are shown as they are; 2 channels as red and green (blue zero), more
+    than 3 (e.g. latents) by their first three."""
+    if images.shape[1] == 2:
+        images = torch.cat([images, -torch.ones_like(images[:, :1])], dim=1)
+    elif images.shape[1] > 3:
+        images = images[:, :3]
     n, c, h, w = images.shape
     rows = -(-n // cols)
     canvas = torch.ones(c, rows * (h + 1) + 1, cols * (w + 1) + 1)

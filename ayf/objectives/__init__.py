@@ -13,6 +13,8 @@ from ayf.objectives.distillation import (
     distillation_objective,
 )
 from ayf.objectives.flow_matching import FlowMatchingObjective
+from ayf.objectives.realignment import RealignmentObjective
 
 __all__ = ["Batch", "State", "Objective", "FlowMatchingObjective", "DistillationObjective", "EMD", "LMD",
-           "Consistency", "AdaptiveWeight", "RpGAN", "OBJECTIVES", "distillation_objective"]
+           "Consistency", "AdaptiveWeight", "RpGAN", "RealignmentObjective", "OBJECTIVES",
+           "distillation_objective"]

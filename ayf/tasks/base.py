@@ -120,6 +120,12 @@ class AyfTask(L.LightningModule):
             self.log(f"{stage}/{name}", value)
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # EDM2's forced weight normalisation, for backbones that have it (ayf.nn.edm2.EDM2Net)
+        renormalize = getattr(getattr(self.net, "backbone", None), "renormalize_", None)
+        if renormalize is not None:
+            renormalize()
+
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch, "train")
         self.check_finite(loss)

@@ -14,6 +14,7 @@ from ayf.checkpoints import load_network
 from ayf.cli import main
 from ayf.math.samplers import sample_flow_map
 from ayf.math.times import time_grid
+from tests.edm2_runs import imagenet64_layout
 from tests.toy_runs import CONF, SMALL_NET, blobs, shipped, toy_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -280,6 +281,8 @@ FIT_HERE = [stage for stage in STAGES if stage not in FIT_ELSEWHERE]
 READS = {"distill_emd": ["teacher"], "distill_cfg": ["teacher"], "distill_autoguidance": ["teacher"],
          "adversarial": ["teacher", "distill_emd"], "adversarial_multistep": ["teacher", "distill_emd"],
          "adversarial_autoguidance": ["teacher", "distill_autoguidance"]}
+# the imagenet64 recipes read the converted EDM2 fixtures (tests/edm2_runs.py) and these stages
+READS_IMAGENET64 = {"distill_autoguidance": ["realign"], "adversarial": ["realign", "distill_autoguidance"]}
 # teachers the image configs name that no tiny run writes (teacher_cfg, a 1000-step checkpoint, a smaller
 # weak teacher): the tiny teacher's last checkpoint stands in; it is trained with label dropout, for CFG
 STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_path",
@@ -289,12 +292,15 @@ STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_pat
 
 def stage_args(dataset, stage):
     """``ayf fit`` of a shipped stage under its tests/conf/<dataset> overlays."""
-    overlay = "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy" else "tiny_net"
-    args = ["fit", "--config", shipped(dataset, stage), *[a for n in ("tiny", overlay) for a in
+    if dataset == "imagenet64":
+        overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
+    else:
+        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy" else "tiny_net"]
+    args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
                                                          ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
     if dataset != "toy" and stage == "teacher":
         args += ["--model.label_dropout", "0.1"]
-    if dataset != "toy" and stage in STAND_IN:
+    if dataset in ("digits", "fashion_mnist") and stage in STAND_IN:
         args += [STAND_IN[stage], f"runs/{dataset}/teacher/version_0/checkpoints/last.ckpt"]
     return args
 
@@ -317,10 +323,13 @@ def fit_stage(tmp_path_factory):
 
     def fit(dataset, stage):
         if (dataset, stage) not in done:
-            for earlier in READS.get(stage, []) if dataset != "toy" else []:
+            reads = {"toy": {}, "imagenet64": READS_IMAGENET64}.get(dataset, READS)
+            for earlier in reads.get(stage, []):
                 fit(dataset, earlier)
             with contextlib.chdir(root):
-                if dataset != "toy" and not os.path.isdir(f"data/{dataset}"):
+                if dataset == "imagenet64" and not os.path.isdir("data/imagenet64"):
+                    imagenet64_layout(".")
+                elif dataset != "toy" and not os.path.isdir(f"data/{dataset}"):
                     write_image_data(dataset)
                 assert main(stage_args(dataset, stage)) == 0
             done[dataset, stage] = root / "runs" / dataset / stage / "version_0"
