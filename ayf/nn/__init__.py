@@ -1,4 +1,6 @@
-"""Modules: the FlowMap wrapper, its condition, backbones and teachers."""
+"""Modules: the FlowMap wrapper, its condition, backbones, teachers and teacher adapters
+(EDM denoisers, VP models, other flow conventions: ayf.nn.adapters; EDM2 networks: ayf.nn.edm2)."""
+from ayf.nn.adapters import DenoiserTeacher, FlowTeacher, VPTeacher
 from ayf.nn.backbones import MLP
 from ayf.nn.cond import NULL_LABEL, Cond
 from ayf.nn.discriminator import ImageDiscriminator, MLPDiscriminator
@@ -8,4 +10,5 @@ from ayf.nn.teachers import GuidedTeacher, MixtureTeacher, NetTeacher, Teacher
 from ayf.nn.unet import UNet
 
 __all__ = ["MLP", "Cond", "NULL_LABEL", "FlowMap", "FourierFeatures", "ScalarEmbedding", "Teacher", "MixtureTeacher",
-           "NetTeacher", "GuidedTeacher", "UNet", "ImageDiscriminator", "MLPDiscriminator"]
+           "NetTeacher", "GuidedTeacher", "DenoiserTeacher", "VPTeacher", "FlowTeacher", "UNet", "ImageDiscriminator",
+           "MLPDiscriminator"]
