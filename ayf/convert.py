@@ -113,7 +113,7 @@ def convert_edm2(path: str, drop_logvar: bool = False, **ayf_kwargs) -> tuple:
     logvar = ("kept" if kwargs["logvar_channels"] else
               "dropped (--no_logvar)" if has_logvar else "absent from the export")
     lo, hi = net.backbone.t_range
-    report = [f"EDM2 network: {sum(v.numel() for v in state.values()):,} weights, data shape "
+    report = [f"EDM2 network: {sum(p.numel() for p in net.parameters()):,} parameters, data shape "
               f"{tuple(net.data_shape)}, {kwargs['label_dim']} classes, sigma_data {kwargs['sigma_data']}",
               f"logvar head: {logvar}",
               f"valid t range [{lo:.6g}, {hi:.6g}] (sigma in [{kwargs['sigma_min']:g}, {kwargs['sigma_max']:g}]); "

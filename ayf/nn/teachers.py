@@ -98,7 +98,9 @@ class GuidedTeacher(Teacher):
     read from ``cond.lam`` (none: the plain teacher, lam = 1).
 
     With ``weak`` given this is autoguidance: the weak teacher is a weaker model of the same task
-    (a smaller network or an earlier checkpoint). Without it, classifier-free guidance: the weak
+    (a smaller network or an earlier checkpoint), or an unconditional model of the same data
+    (classifier-free guidance with a separate unconditional network, as EDM2 does it; it ignores
+    the labels). Without it, classifier-free guidance: the weak
     prediction is the same teacher's unconditional one (null label), which needs a teacher
     trained with ``label_dropout``. This is the one place where a guided teacher is assembled
     and where the combination is checked.
@@ -132,9 +134,10 @@ class GuidedTeacher(Teacher):
                 raise ConfigError("classifier-free guidance needs a teacher trained with label_dropout > 0 "
                                   "(it never learned the unconditional velocity)")
             return
-        if self.weak.num_classes != self.teacher.num_classes:
+        if self.weak.num_classes not in (0, self.teacher.num_classes):
             raise ConfigError(f"weak teacher has {self.weak.num_classes} classes but the teacher has "
-                              f"{self.teacher.num_classes}: autoguidance needs a model of the same task")
+                              f"{self.teacher.num_classes}: autoguidance needs a model of the same task "
+                              "(or an unconditional one, as EDM2's classifier-free guidance uses)")
         shapes = (self.weak.data_shape, self.teacher.data_shape)
         if None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
             raise ConfigError(f"weak teacher data shape {tuple(shapes[0])} differs from the teacher's "

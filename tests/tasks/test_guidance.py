@@ -54,6 +54,17 @@ def test_autoguidance_teacher_combines_strong_and_weak():
     assert not torch.allclose(guided(x, t, label.with_(lam=lam)), strong(x, t, label))
 
 
+def test_an_unconditional_weak_model_guides_a_conditional_teacher_and_other_tasks_are_refused():
+    """EDM2's classifier-free guidance: a separate unconditional network is the weak model."""
+    strong, weak = NetTeacher(seed=1), NetTeacher(seed=2, width=8, classes=0)
+    guided = GuidedTeacher(strong, weak)
+    x, t, label = inputs()
+    expected = 2 * strong(x, t, label) - weak(x, t, Cond())
+    torch.testing.assert_close(guided(x, t, label.with_(lam=torch.full_like(t, 2.0))), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConfigError, match="weak teacher has 3 classes but the teacher has 2"):
+        GuidedTeacher(strong, NetTeacher(seed=2, classes=3))
+
+
 def test_cfg_teacher_uses_the_null_label_prediction():
     strong = NetTeacher()
     guided = GuidedTeacher(strong)
