@@ -35,6 +35,27 @@ def realigned_config(config: dict, t_num_freqs: int, t_max_freq: float) -> dict:
     return config
 
 
+@torch.no_grad()
+def velocity_error(net, teacher, x0, cond: Cond, eps, t, bins: int = REPORT_BINS, batch_size: int = 256) -> dict:
+    """Relative RMS error ``sqrt(sum ||v_net - v_teacher||^2 / sum ||v_teacher||^2)`` at
+    ``x_t = (1 - t) x0 + t eps``, overall and in ``bins`` equal bins of the examples (sorted by t)."""
+    order = torch.argsort(t)
+    x0, eps, t, cond = x0[order], eps[order], t[order], cond[order]
+    err, ref = [], []
+    for i in range(0, len(x0), batch_size):
+        sl = slice(i, i + batch_size)
+        x_t = interpolate(x0[sl], eps[sl], t[sl])
+        v_ref = teacher(x_t, t[sl], cond[sl])
+        err.append((net.velocity(x_t, t[sl], cond[sl]) - v_ref).flatten(1).pow(2).sum(1))
+        ref.append(v_ref.flatten(1).pow(2).sum(1))
+    err, ref = torch.cat(err), torch.cat(ref)
+    parts = [b for b in torch.tensor_split(torch.arange(len(err)), bins) if len(b)]
+    return {"velocity_rel_error": float((err.sum() / ref.sum()).sqrt()),
+            "t_range": [float(t[0]), float(t[-1])],
+            "bins": [{"t": [float(t[b[0]]), float(t[b[-1]])], "velocity_rel_error": float((err[b].sum() / ref[b].sum()).sqrt())}
+                     for b in parts]}
+
+
 class Realignment(AyfTask):
     """Teacher realignment: the time input of a converted teacher (EDM2's ``c_noise =
     ln(sigma) / 4``, which diverges at t = 0 and t = 1) becomes a smooth embedding of t.
@@ -134,30 +155,13 @@ class Realignment(AyfTask):
             self._eval = (x0, label, torch.randn(x0.shape, generator=gen, dtype=x0.dtype), t.to(x0.dtype))
         return self._eval
 
-    @torch.no_grad()
     def velocity_error(self) -> dict:
-        """Relative RMS error ``||v_new - v_original|| / ||v_original||`` over the valid t range,
-        overall and in :data:`REPORT_BINS` equal bins of t."""
+        """:func:`velocity_error` of the net against the original on the fixed validation examples."""
         x0, label, eps, t = (v if v is None else v.to(self.device) for v in self._eval_set())
-        cond = Cond(label=label)
         was = self.net.training
-        self.net.eval()
-        err, ref = [], []
-        for i in range(0, len(x0), 256):
-            sl = slice(i, i + 256)
-            x_t = interpolate(x0[sl], eps[sl], t[sl])
-            v_old = self.objective.teacher(x_t, t[sl], cond[sl])
-            v_new = self.net.velocity(x_t, t[sl], cond[sl])
-            err.append((v_new - v_old).flatten(1).pow(2).sum(1))
-            ref.append(v_old.flatten(1).pow(2).sum(1))
+        report = velocity_error(self.net.eval(), self.objective.teacher, x0, Cond(label=label), eps, t)
         self.net.train(was)
-        err, ref = torch.cat(err), torch.cat(ref)
-        bins = torch.tensor_split(torch.arange(len(err)), REPORT_BINS)
-        lo, hi = float(t[0]), float(t[-1])
-        return {"step": int(self.global_step), "velocity_rel_error": float((err.sum() / ref.sum()).sqrt()),
-                "t_range": [lo, hi],
-                "bins": [{"t": [float(t[b[0]]), float(t[b[-1]])], "velocity_rel_error": float((err[b].sum() / ref[b].sum()).sqrt())}
-                         for b in bins if len(b)]}
+        return dict(report, step=int(self.global_step))
 
     def on_fit_start(self):
         if not self.history:

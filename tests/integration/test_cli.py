@@ -280,7 +280,7 @@ FIT_HERE = [stage for stage in STAGES if stage not in FIT_ELSEWHERE]
 # image stages read the checkpoints of these stages, at the shipped runs/<dataset>/<stage>/version_0/...
 READS = {"distill_emd": ["teacher"], "distill_cfg": ["teacher"], "distill_autoguidance": ["teacher"],
          "adversarial": ["teacher", "distill_emd"], "adversarial_multistep": ["teacher", "distill_emd"],
-         "adversarial_autoguidance": ["teacher", "distill_autoguidance"]}
+         "adversarial_autoguidance": ["teacher", "distill_autoguidance"], "realign": ["teacher_edm2"]}
 # the imagenet64 recipes read the converted EDM2 fixtures (tests/edm2_runs.py) and these stages
 READS_IMAGENET64 = {"distill_autoguidance": ["realign"], "adversarial": ["realign", "distill_autoguidance"]}
 # teachers the image configs name that no tiny run writes (teacher_cfg, a 1000-step checkpoint, a smaller
@@ -295,7 +295,8 @@ def stage_args(dataset, stage):
     if dataset == "imagenet64":
         overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
     else:
-        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy" else "tiny_net"]
+        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy"
+                    else {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}.get(stage, "tiny_net")]
     args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
                                                          ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
     if dataset != "toy" and stage == "teacher":
@@ -347,3 +348,15 @@ def test_tiny_fit_of_a_shipped_stage(fit_stage, stage):
     assert ckpt["global_step"] == steps
     # validation ran after the last step, with the stage's sample plot (toy) or image grid
     assert os.path.isfile(run / ("samples" if dataset == "toy" else "grids") / f"step_{steps:07d}.png")
+
+
+def test_imagenet64_fid_overlay_parses_over_the_recipe(capsys):
+    """configs/imagenet64/fid.yaml (the `ayf test` overlay) layers over the distillation recipe."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", shipped("imagenet64", "distill_autoguidance"),
+              "--config", shipped("imagenet64", "fid"), "--print_config"])
+    assert exit_.value.code == 0
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    metrics = [c for c in callbacks if c["class_path"] == "ayf.callbacks.FidelityMetrics"]
+    assert len(metrics) == 1 and metrics[0]["init_args"]["steps"] == [1, 2, 4, 8]
+    assert metrics[0]["init_args"]["extractor"]["class_path"] == "ayf.metrics.InceptionFeatures"
