@@ -1,0 +1,38 @@
+"""The diffusers path of the guide, end to end: a tiny UNet2DModel saved as a pipeline's unet/ and
+scheduler/ folders, distilled through ``ayf fit --config configs/diffusers/distill_emd.yaml`` and
+sampled through ``ayf sample`` (nothing is downloaded)."""
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ayf.cli import main
+from tests.toy_runs import CONF, blobs, shipped
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                  attention_head_dim=8, num_class_embeds=4)
+    with contextlib.chdir(tmp_path):
+        model.save_pretrained("weights/diffusers/unet")
+        diffusers.DDPMScheduler(prediction_type="v_prediction").save_pretrained("weights/diffusers/scheduler")
+        images, labels = blobs(48)
+        np.savez("blobs.npz", images=images, labels=labels)
+        assert main(["shards", "arrays", "--images", "blobs.npz", "--output", "data/diffusers", "--val_fraction", "0.25"]) == 0
+        assert main(["fit", "--config", shipped("diffusers", "distill_emd"),
+                     "--config", os.path.join(CONF, "diffusers", "tiny.yaml")]) == 0
+        run = tmp_path / "runs" / "diffusers" / "distill_emd" / "version_0"
+        assert (run / "grids" / "step_0000003.png").is_file()
+        ckpt = str(run / "checkpoints" / "last.ckpt")
+        for steps in ("1", "2"):
+            assert main(["sample", "--ckpt_path", ckpt, "--steps", steps, "--num_samples", "4", "--label", "all",
+                         "--output", f"x{steps}.npy"]) == 0
+        x1, x2 = np.load("x1.npy"), np.load("x2.npy")
+    assert x1.shape == (4, 1, 8, 8) and np.isfinite(x1).all() and np.abs(x1 - x2).max() > 1e-4
