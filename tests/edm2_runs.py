@@ -35,7 +35,7 @@ def export_like(name, out, seed=1, **changes):
     torch.manual_seed(seed)
     net = FlowMap(EDM2Net(**{k: v for k, v in kwargs.items() if k != "use_fp16"}), s_embedding="none")
     with torch.no_grad():  # EDM2 starts its gains at 0 (a zero output); give them values, as the fixtures do
-        for key, p in net.named_parameters():
+        for p in net.parameters():
             if p.ndim == 0:
                 p.fill_(0.5)
     state = {k[len("backbone."):]: v for k, v in net.state_dict().items()}
