@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ayf-installed
 DEMO    ?= demo_out
 
-.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial digits-data fashion-data clean
+.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial bench-ablation digits-data points-data fashion-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -40,6 +40,10 @@ bench: install  ## fidelity and cost benchmarks (prints tables, writes bench_out
 digits-data: install  ## shards of scikit-learn's 8x8 digits -> data/digits/{train,val}
 	test -f data/digits/train/manifest.json || $(BIN)/ayf shards digits --output data/digits --val_fraction 0.2
 
+points-data: install  ## 2-D point sets (scikit-learn's moons, circles, swiss roll) -> data/points/*.npz
+	for set in moons circles swiss_roll; do \
+	  test -f data/points/$$set.npz || $(BIN)/ayf points $$set --output data/points/$$set.npz || exit 1; done
+
 FASHION := /usr/share/datasets/fashion-mnist
 fashion-data: install  ## Fashion-MNIST shards (Debian package dataset-fashion-mnist) -> data/fashion_mnist
 	test -f $(FASHION)/train-images-idx3-ubyte.gz || apt-get install -y dataset-fashion-mnist
@@ -59,6 +63,9 @@ bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log
 
 bench-adversarial: digits-data  ## digits: 1/2/4/8-step FD and recall before and after adversarial finetuning (CPU)
 	$(BIN)/python benchmarks/images.py --dataset digits --adversarial
+
+bench-ablation: install  ## toy mixture: one distillation choice at a time, 1/2/4/8-step exact-map distance (CPU, about an hour)
+	$(BIN)/python benchmarks/ablation.py
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf $(DEMO) bench_out lightning_logs

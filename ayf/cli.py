@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-HELP = """usage: ayf {fit,validate,test,sample,convert,shards,features,upgrade} [options]
+HELP = """usage: ayf {fit,validate,test,sample,convert,shards,points,features,upgrade} [options]
 
 Align Your Flow: distil diffusion / flow-matching teachers into few-step flow maps.
 
@@ -16,14 +16,17 @@ subcommands:
   sample     draw samples from a checkpoint: ayf sample --ckpt_path FILE --steps 4 --output x.npy
   convert    turn a foreign network into an ayf teacher: ayf convert edm2 EXPORT.pt --output TEACHER.ckpt
   shards     write an image dataset as WebDataset shards: ayf shards digits --output data/digits
+  points     write a 2-D point set (moons, circles, swiss_roll) to .npz: ayf points moons --output data/points/moons.npz
   features   train the classifier feature extractor used by FD/KID/PR: ayf features fit --help
   upgrade    convert a checkpoint written by an older ayf: ayf upgrade OLD.ckpt NEW.ckpt
 
 `ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.
 Tasks: ayf.tasks.FlowMatching, ayf.tasks.FlowMapDistillation (guided with ayf.nn.GuidedTeacher),
-ayf.tasks.AdversarialFinetuning; `--guidance LAM` sets the guidance scale used for sampling.
-Data: ayf.data.GaussianMixture (toy), ayf.data.ImageShards (WebDataset shards written by `ayf shards`).
-Configs: configs/{toy,digits,fashion_mnist}.
+ayf.tasks.AdversarialFinetuning, ayf.tasks.Realignment; `--guidance LAM` sets the guidance scale used
+for sampling.
+Data: ayf.data.GaussianMixture (toy), ayf.data.VectorData ((N, D) arrays from .npy / .npz files),
+ayf.data.ImageShards (WebDataset shards written by `ayf shards`).
+Configs: configs/{toy,points,digits,fashion_mnist,imagenet64,diffusers}.
 `ayf test` with the ayf.callbacks.FidelityMetrics callback writes FD / KID / precision / recall to
 <log_dir>/fidelity.json, where <log_dir> is a NEW version folder of the test run's logger
 (<save_dir>/<name>/version_N), not the folder of the tested checkpoint; the path is printed at the
@@ -31,7 +34,7 @@ end, and FidelityMetrics' `output` argument chooses another file.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test")
-TOOLS = {"sample": "ayf.sample", "convert": "ayf.convert", "shards": "ayf.make_shards", "features": "ayf.metrics.features",
+TOOLS = {"sample": "ayf.sample", "convert": "ayf.convert", "shards": "ayf.make_shards", "points": "ayf.make_points", "features": "ayf.metrics.features",
          "upgrade": "ayf.checkpoints"}
 
 

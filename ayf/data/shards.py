@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ayf.data.arrays import read_arrays
 from ayf.errors import ConfigError
 from ayf.figures import to_model_units, to_uint8  # noqa: F401  (re-exported)
 
@@ -229,31 +230,9 @@ def idx_source(images, labels=None):
 
 def arrays_source(images, labels=None, images_key=None, labels_key=None):
     """``.npy`` images (+ optional ``.npy`` labels), or one ``.npz`` holding both."""
-    path = Path(images)
-    if not path.is_file():
-        raise ConfigError(f"array file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from None
-    y = None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        keys = list(loaded.keys())
-        ik = images_key or next((k for k in ("images", "x", "X", "data") if k in keys), None)
-        if ik is None:
-            raise ConfigError(f"{path}: no images array (keys {keys}); name it with --images_key")
-        lk = labels_key or next((k for k in ("labels", "y", "Y", "targets") if k in keys), None)
-        x, y = loaded[ik], (loaded[lk] if lk else None)
-    else:
-        x = loaded
-    if labels:
-        y = np.load(labels, allow_pickle=False)
-    x = as_chw(np.asarray(x), str(path))
-    if y is not None:
-        y = np.asarray(y).astype(np.int64).reshape(-1)
-        if len(y) != len(x):
-            raise ConfigError(f"{len(y)} labels for {len(x)} images")
-    return x, y, None
+    x, y = read_arrays(images, images_key, labels, labels_key, data_keys=("images", "x", "X", "data"),
+                       what="images", key_option="--images_key")
+    return as_chw(x, str(images)), y, None
 
 
 def digits_source():

@@ -95,7 +95,7 @@ def test_every_shipped_config_parses(config, capsys):
             holds(node, value, key)
     assert printed["model"]["class_path"].startswith("ayf.tasks.")
     data = printed["data"]["init_args"]
-    assert data["mixture"]["means"] if "mixture" in data else data["train"].startswith("data/")
+    assert data["mixture"]["means"] if "mixture" in data else data.get("train", data.get("path")).startswith("data/")
 
 
 def test_the_multistep_recipe_is_adversarial_yaml_with_its_own_values(capsys):
@@ -296,11 +296,11 @@ def stage_args(dataset, stage):
     if dataset == "imagenet64":
         overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
     else:
-        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset == "toy"
+        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset in ("toy", "points")
                     else {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}.get(stage, "tiny_net")]
     args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
                                                          ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
-    if dataset != "toy" and stage == "teacher":
+    if dataset not in ("toy", "points") and stage == "teacher":
         args += ["--model.label_dropout", "0.1"]
     if dataset in ("digits", "fashion_mnist") and stage in STAND_IN:
         args += [STAND_IN[stage], f"runs/{dataset}/teacher/version_0/checkpoints/last.ckpt"]
@@ -331,7 +331,9 @@ def fit_stage(tmp_path_factory):
             with contextlib.chdir(root):
                 if dataset == "imagenet64" and not os.path.isdir("data/imagenet64"):
                     imagenet64_layout(".")
-                elif dataset != "toy" and not os.path.isdir(f"data/{dataset}"):
+                elif dataset == "points" and not os.path.isdir("data/points"):
+                    assert main(["points", "moons", "--output", "data/points/moons.npz", "--n", "400"]) == 0
+                elif dataset not in ("toy", "points") and not os.path.isdir(f"data/{dataset}"):
                     write_image_data(dataset)
                 assert main(stage_args(dataset, stage)) == 0
             done[dataset, stage] = root / "runs" / dataset / stage / "version_0"
@@ -348,7 +350,7 @@ def test_tiny_fit_of_a_shipped_stage(fit_stage, stage):
     steps = 4 if name.startswith("adversarial") else 3
     assert ckpt["global_step"] == steps
     # validation ran after the last step, with the stage's sample plot (toy) or image grid
-    assert os.path.isfile(run / ("samples" if dataset == "toy" else "grids") / f"step_{steps:07d}.png")
+    assert os.path.isfile(run / ("samples" if dataset in ("toy", "points") else "grids") / f"step_{steps:07d}.png")
 
 
 def test_imagenet64_fid_overlay_parses_over_the_recipe(capsys):

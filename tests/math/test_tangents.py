@@ -99,6 +99,16 @@ def test_descent_step_moves_toward_exact_map(gen, objective, weighting):
     assert after < 0.97 * before, (before, after)
 
 
+@pytest.mark.parametrize("weighting, weight", [("none", lambda gap: torch.ones_like(gap)),
+                                               ("f_space", lambda gap: gap ** 2), ("gap", lambda gap: gap),
+                                               ("inv_gap", lambda gap: 1 / (gap + 0.05))])
+def test_weightings_scale_each_example_by_their_function_of_the_gap(gen, weighting, weight):
+    x, t, s = _batch(gen, n=64)
+    F, g = torch.randn(64, 2, generator=gen, dtype=torch.float64), torch.randn(64, 2, generator=gen, dtype=torch.float64)
+    plain = g.pow(2).mean(dim=1)  # the loss value is ||g||^2 / D
+    torch.testing.assert_close(flow_map_loss(F, g, t, s, weighting), plain * weight(t - s), rtol=1e-12, atol=0)
+
+
 def test_jvp_matches_central_difference(gen):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2)).double()
