@@ -67,6 +67,9 @@ CELLS = {
     "w_adaptive": ("weighting: adaptive (base none)", ["--model.weighting", "adaptive"]),
     "w_gap": ("weighting: t - s", ["--model.weighting", "gap"]),
     "w_inv_gap": ("weighting: 1 / (t - s + 0.05)", ["--model.weighting", "inv_gap"]),
+    # the tangent normalisation g / (||g|| + c)
+    "norm_c_1": ("tangent normalisation c = 1 (base 0.1)", ["--model.tangent_norm", "1.0"]),
+    "norm_off": ("no tangent normalisation (c = 0)", ["--model.tangent_norm", "0.0"]),
     # optimisation
     "lr_3e-4": ("lr 3e-4 (base 1e-4)", ["--model.optimizer.init_args.lr", "0.0003"]),
     "lr_1e-3": ("lr 1e-3 (base 1e-4)", ["--model.optimizer.init_args.lr", "0.001"]),
@@ -78,6 +81,10 @@ CELLS = {
     "init_random": ("student initialised at random, not from the teacher", ["--model.init_from_teacher", "false"]),
     "width_512": ("MLP width 512 at random init (the teacher is 256 wide)",
                   ["--model.net.init_args.backbone.init_args.width", "512", "--model.init_from_teacher", "false"]),
+    # combinations of the choices above that helped one at a time
+    "long_gap_0.5": ("long_gap proposal with p_long = 0.5", [SAMPLER + "proposal", "long_gap", SAMPLER + "p_long", "0.5"]),
+    "long_gap_lr_3e-4": ("long_gap proposal and lr 3e-4",
+                         [SAMPLER + "proposal", "long_gap", "--model.optimizer.init_args.lr", "0.0003"]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 
@@ -155,13 +162,11 @@ def score(ckpt, oracle, noise, exact):
 
 def run_cell(out, data, teacher_ckpt, cell, seed, steps, oracle, noise, exact, retrain=False):
     """One (cell, seed): trains unless its result file exists; returns the stored result."""
-    name = f"{cell}_seed{seed}"
+    name = f"{cell}_seed{seed}_steps{steps}"
     result = os.path.join(out, "results", f"{name}.json")
     if os.path.exists(result) and not retrain:
         with open(result) as fh:
-            stored = json.load(fh)
-        if stored["steps"] == steps:
-            return stored
+            return json.load(fh)
     root = os.path.join(out, "runs")
     start = time.time()
     fit(["--config", DISTIL, "--data", data,
