@@ -17,7 +17,7 @@ LAYERS = [
     ("data",),
     ("metrics",),
     ("tasks", "callbacks"),
-    ("ckpt_args", "sample", "convert", "make_shards", "__init__"),
+    ("ckpt_args", "sample", "convert", "make_shards", "make_points", "__init__"),
     ("cli",),
     ("__main__",),
 ]

@@ -125,7 +125,7 @@ def test_parsing_an_image_config_needs_no_data_on_disk(capsys):
 def test_top_level_help_names_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "sample", "shards", "features"):
+    for sub in ("fit", "validate", "test", "sample", "shards", "points", "features"):
         assert f"  {sub} " in out
     assert main(["bogus"]) == 2
 
