@@ -41,7 +41,8 @@ class DistillationObjective(Objective):
             the guidance scale lam that this objective draws per example.
         time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s).
         tangent_norm: constant c of the tangent normalisation ``g / (||g|| + c)``; 0 disables it.
-        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2) or ``adaptive``.
+        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2), ``gap`` (t - s),
+            ``inv_gap`` (1 / (t - s + 0.05)) or ``adaptive`` (docs/maths.md §3).
         guidance_range: ``[lo, hi]`` of lam ~ U[lo, hi] drawn per example for a guided teacher.
     """
 

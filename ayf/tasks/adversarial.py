@@ -50,7 +50,8 @@ class AdversarialFinetuning(FlowMapTask):
             ``trainer.max_steps``) from which each replaces ``fake_steps``; e.g.
             ``{8000: [1, 2, 4, 8, 8]}`` trains on 1-step fakes, then on 1/2/4/8-step fakes.
         objective: distillation objective of the regression term (``emd`` or ``lmd``).
-        weighting: per-example weight of the regression term: ``none``, ``f_space`` or ``adaptive``.
+        weighting: per-example weight of the regression term: ``none``, ``f_space``, ``gap``, ``inv_gap``
+            or ``adaptive``.
         tangent_norm: constant c of the tangent normalisation.
         time_sampler: (t, s) pair sampler of the regression term.
         guidance_range: ``[lo, hi]`` of the guidance scale drawn per example for a guided teacher.

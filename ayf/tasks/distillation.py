@@ -22,7 +22,8 @@ class FlowMapDistillation(FlowMapTask):
         teacher: frozen velocity model: a CheckpointTeacher, a GuidedTeacher or the analytic MixtureTeacher.
         objective: ``emd`` (AYF-EMD, default), ``lmd`` (AYF-LMD) or ``consistency`` (s = 0 only,
             a continuous-time consistency model trained with the EMD tangent).
-        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2) or ``adaptive``.
+        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2), ``gap`` (t - s),
+            ``inv_gap`` (1 / (t - s + 0.05)) or ``adaptive`` (docs/maths.md §3).
         tangent_norm: constant c of the tangent normalisation ``g / (||g|| + c)``; 0 disables it.
         time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s).
         init_from_teacher: copy the teacher's weights into the student before training (default:
