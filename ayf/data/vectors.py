@@ -12,6 +12,7 @@ from ayf.data.arrays import read_arrays
 from ayf.data.mixture import _Samples
 from ayf.errors import ConfigError
 
+
 class VectorData(L.LightningDataModule):
     """Vectors ``(N, D)`` read from an ``.npy`` or ``.npz`` file; batches are ``{"x": (B, D), "label": (B,)}``.
 

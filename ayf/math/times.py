@@ -65,10 +65,14 @@ class TimePairSampler:
         self.p_t_one, self.p_s_zero, self.p_diagonal = p_t_one, p_s_zero, p_diagonal
         self.proposal, self.gap_mean, self.gap_std, self.p_long = proposal, gap_mean, gap_std, p_long
 
+    @staticmethod
+    def _uniform(batch, generator, device, dtype):
+        """A function that draws ``U(0, 1)`` of shape ``(batch,)`` at each call."""
+        return lambda: torch.rand(batch, generator=generator, device=device, dtype=dtype)
+
     def propose(self, batch: int, generator=None, device=None, dtype=torch.float32):
         """The proposal's ``(t, s)`` before the t = 1, s = 0 and s = t shares."""
-        def u():
-            return torch.rand(batch, generator=generator, device=device, dtype=dtype)
+        u = self._uniform(batch, generator, device, dtype)
 
         def t_draw():
             return logit_normal(batch, self.p_mean, self.p_std, generator, device, dtype)
@@ -92,9 +96,7 @@ class TimePairSampler:
 
     def __call__(self, batch: int, generator=None, device=None, dtype=torch.float32):
         """Returns ``(t, s)``, each ``(B,)``."""
-        def u():
-            return torch.rand(batch, generator=generator, device=device, dtype=dtype)
-
+        u = self._uniform(batch, generator, device, dtype)
         t, s = self.propose(batch, generator, device, dtype)
         t = torch.where(u() < self.p_t_one, torch.ones_like(t), t)  # s stays: it is below the old t
         s = torch.where(u() < self.p_s_zero, torch.zeros_like(s), s)
