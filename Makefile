@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ayf-installed
 DEMO    ?= demo_out
 
-.PHONY: help install test test-slow test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial bench-ablation digits-data points-data fashion-data clean
+.PHONY: help install test test-slow test-ddp test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial bench-ablation digits-data points-data fashion-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -22,6 +22,9 @@ test: install  ## run the default test suite (CPU, offline, < 10 min)
 
 test-slow: install  ## the slow lane: trains the toy and checks it learned
 	$(BIN)/python -m pytest -q -m slow
+
+test-ddp: install  ## the multi-process lane: every stage on two CPU processes (DDP)
+	$(BIN)/python -m pytest -q -m ddp
 
 test-gpu: install  ## the GPU lane (skipped without CUDA)
 	$(BIN)/python -m pytest -q -m gpu

@@ -9,7 +9,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 #: from the bottom up; a module may import its own package and any package of a lower layer
 LAYERS = [
-    ("errors",),
+    ("errors", "distributed"),
     ("math",),
     ("nn", "figures"),
     ("sampling", "checkpoints"),

@@ -46,3 +46,35 @@ def blobs(n=96, seed=0):
         r, q = divmod(int(c), 2)
         x[i, 4 * r: 4 * r + 4, 4 * q: 4 * q + 4] = 220
     return x, y
+
+
+# teachers the image configs name that no tiny run writes (teacher_cfg, a 1000-step checkpoint, a smaller
+# weak teacher): the tiny teacher's last checkpoint stands in; it is trained with label dropout, for CFG
+STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_path",
+            "distill_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path",
+            "adversarial_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path"}
+
+
+def stage_args(dataset, stage):
+    """``ayf fit`` of a shipped stage under its tests/conf/<dataset> overlays."""
+    if dataset == "imagenet64":
+        overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
+    else:
+        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset in ("toy", "points")
+                    else {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}.get(stage, "tiny_net")]
+    args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
+                                                         ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
+    if dataset not in ("toy", "points") and stage == "teacher":
+        args += ["--model.label_dropout", "0.1"]
+    if dataset in ("digits", "fashion_mnist") and stage in STAND_IN:
+        args += [STAND_IN[stage], f"runs/{dataset}/teacher/version_0/checkpoints/last.ckpt"]
+    return args
+
+
+def write_image_data(dataset):
+    """Tiny shards in data/<dataset>/{train,val} and a feature extractor in data/<dataset>/features.pt."""
+    images, labels = blobs(64)
+    np.savez(f"{dataset}.npz", images=images, labels=labels)
+    assert main(["shards", "arrays", "--images", f"{dataset}.npz", "--output", f"data/{dataset}", "--val_fraction", "0.25"]) == 0
+    assert main(["features", "fit", "--train", f"data/{dataset}/train", "--val", f"data/{dataset}/val", "--output",
+                 f"data/{dataset}/features.pt", "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0

@@ -8,6 +8,7 @@ import torch
 
 from ayf.callbacks.ema import sampling_weights
 from ayf.callbacks.plots import fixed_inputs, publish_figure
+from ayf.distributed import barrier
 from ayf.figures import grid_figure
 
 
@@ -29,11 +30,17 @@ class ImageGrid(L.Callback):
         self.steps = [int(k) for k in steps]
         self.teacher_steps, self.num_images, self.cols, self.seed = teacher_steps, num_images, cols, seed
 
-    @torch.no_grad()
     def on_validation_end(self, trainer, pl_module):
-        net = pl_module.net
-        if trainer.sanity_checking or not trainer.is_global_zero or len(net.data_shape) != 3:
+        # drawn on rank 0 while the other ranks wait (the grid equals a single process's)
+        if trainer.sanity_checking or len(pl_module.net.data_shape) != 3:
             return
+        if trainer.is_global_zero:
+            self.draw(trainer, pl_module)
+        barrier(trainer, "ayf.ImageGrid")
+
+    @torch.no_grad()
+    def draw(self, trainer, pl_module):
+        net = pl_module.net
         noise, label = fixed_inputs(net, self.num_images, self.seed, pl_module.device)
         panels = {}
         with sampling_weights(trainer, pl_module):

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from ayf.callbacks.ema import sampling_weights
+from ayf.distributed import barrier, gather_in_order, run_dir, shard_range, world
 from ayf.errors import ConfigError
 from ayf.figures import to_uint8
 from ayf.math.samplers import ODE_SOLVERS
@@ -98,7 +99,7 @@ class FidelityMetrics(L.Callback):
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.num_samples, *pl_module.net.data_shape, generator=gen)
         label = None
-        if pl_module.net.num_classes > 0:
+        if pl_module.net.num_classes > 0 and ref_labels is not None:
             # class labels drawn like the real data's
             label = ref_labels[torch.randint(len(ref_labels), (self.num_samples,), generator=gen)]
         return noise, label
@@ -121,20 +122,34 @@ class FidelityMetrics(L.Callback):
             out.append(to_uint8(y).cpu())
         return torch.cat(out)
 
-    def evaluate(self, trainer, pl_module, with_teacher: bool = False) -> dict:
+    def evaluate(self, trainer, pl_module, with_teacher: bool = False) -> Optional[dict]:
         """``{"<solver>_<steps>": metrics}`` for every setting (with_teacher: and a flow map's
-        teacher at ``teacher_steps``)."""
-        real, ref_labels = self._reference(trainer, pl_module)
-        noise, label = self._inputs(pl_module, ref_labels)
+        teacher at ``teacher_steps``).
+
+        Every rank must call it: under a multi-process strategy each rank generates and embeds
+        its contiguous share of the fixed noise, the features are gathered in order, and rank 0
+        (which alone reads the reference features) computes the metrics; the other ranks
+        return None. The figures equal a single process's for the same seed."""
+        rank, size = world(trainer)
+        if self.num_samples < size:
+            raise ConfigError(f"FidelityMetrics needs num_samples >= the number of processes ({size})")
+        real, ref_labels = self._reference(trainer, pl_module) if rank == 0 else (None, None)
+        noise, label = self._inputs(pl_module, ref_labels)  # the same noise on every rank
+        if size > 1 and pl_module.net.num_classes > 0:
+            label = trainer.strategy.broadcast(label, src=0)  # drawn from rank 0's reference labels
+        mine = shard_range(self.num_samples, rank, size)
+        noise, label = noise[mine.start: mine.stop], None if label is None else label[mine.start: mine.stop]
         results = {}
         settings = self._settings(pl_module, with_teacher)
-        bar = tqdm(settings, desc="fidelity", unit="setting", disable=not trainer.is_global_zero, leave=False)
+        bar = tqdm(settings, desc="fidelity", unit="setting", disable=rank != 0, leave=False)
         with sampling_weights(trainer, pl_module):
             for solver, k in bar:
                 bar.set_postfix_str(f"{solver}, {k} steps")
                 fake = self.extractor.extract(self._generate(pl_module, solver, k, noise, label), device=pl_module.device)
-                results[f"{solver}_{k}"] = fidelity_metrics(fake, real, self.kid_subset_size, seed=self.seed)
-        return results
+                fake = gather_in_order(trainer, fake, self.num_samples)
+                if rank == 0:
+                    results[f"{solver}_{k}"] = fidelity_metrics(fake, real, self.kid_subset_size, seed=self.seed)
+        return results if rank == 0 else None
 
     def _publish(self, trainer, results: dict, periodic: bool) -> None:
         # in ayf test the trainer's step is 0: report the trained step of the checkpoint instead
@@ -146,7 +161,7 @@ class FidelityMetrics(L.Callback):
                   "extractor": self.extractor.name,
                   "guidance": getattr(trainer.lightning_module, "sample_guidance", None),
                   "num_samples": self.num_samples, "reference_count": len(self._real[0]), "results": results}
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        log_dir = run_dir(trainer)
         os.makedirs(log_dir, exist_ok=True)
         if periodic:
             with open(os.path.join(log_dir, "fidelity.jsonl"), "a") as fh:
@@ -160,14 +175,19 @@ class FidelityMetrics(L.Callback):
         rank_zero_info(format_results(results) + f"\nwritten to {path}")
 
     # --- hooks ------------------------------------------------------------------------------
+    def _run(self, trainer, pl_module, periodic: bool) -> None:
+        results = self.evaluate(trainer, pl_module, with_teacher=not periodic)  # on every rank
+        if trainer.is_global_zero:
+            self._publish(trainer, results, periodic=periodic)
+        barrier(trainer, "ayf.FidelityMetrics")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self._publish(trainer, self.evaluate(trainer, pl_module), periodic=True)
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module, periodic=True)
 
     def on_test_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            self._publish(trainer, self.evaluate(trainer, pl_module, with_teacher=True), periodic=False)
+        self._run(trainer, pl_module, periodic=False)
 
 
 def teacher_checkpoints(pl_module) -> list:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from ayf.callbacks.ema import sampling_weights
+from ayf.distributed import barrier, run_dir
 from ayf.figures import scatter_figure
 
 
@@ -32,13 +33,16 @@ class SamplePlot(L.Callback):
         batch = getattr(dm, "reference_batch", None)
         return batch(n) if batch is not None else None
 
-    @torch.no_grad()
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # drawn on rank 0 while the other ranks wait (the figure equals a single process's)
+        if trainer.sanity_checking or len(pl_module.net.data_shape) != 1:
             return
-        shape = tuple(pl_module.net.data_shape)
-        if len(shape) != 1:
-            return
+        if trainer.is_global_zero:
+            self.draw(trainer, pl_module)
+        barrier(trainer, "ayf.SamplePlot")
+
+    @torch.no_grad()
+    def draw(self, trainer, pl_module):
         noise, label = fixed_inputs(pl_module.net, self.num_samples, self.seed, pl_module.device)
         panels = {}
         data = self._data(trainer, self.num_samples)
@@ -68,7 +72,7 @@ def publish_figure(trainer, fig, tag: str) -> str:
     logger = trainer.logger
     if logger is not None and hasattr(logger.experiment, "add_figure"):
         logger.experiment.add_figure(tag, fig, global_step=step, close=False)
-    out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, tag)
+    out_dir = os.path.join(run_dir(trainer), tag)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"step_{step:07d}.png")
     fig.savefig(path, dpi=110)

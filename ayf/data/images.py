@@ -107,9 +107,19 @@ def _decoder(shape: tuple, labelled: bool, raw: bool):
 
 
 def split_by_rank(rank: int, world_size: int):
-    """Pipeline stage: keep every ``world_size``-th shard starting at ``rank``."""
+    """Pipeline stage: keep every ``world_size``-th item (shard or sample) starting at ``rank``."""
     def stage(src):
         return itertools.islice(src, rank, None, world_size)
+    return stage
+
+
+def split_samples(rank: int, world_size: int):
+    """Pipeline stage: keep every (ranks x workers)-th sample, starting at this rank's and worker's
+    slot (the worker is known only inside the worker process, when the stage runs)."""
+    def stage(src):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return itertools.islice(src, rank * workers + worker, None, world_size * workers)
     return stage
 
 
@@ -124,11 +134,15 @@ def sample_pipeline(
     raw: bool = False,
     counter: Optional[SkipCounter] = None,
     epoch: int = 0,
+    split: str = "shards",
 ) -> wds.DataPipeline:
     """Iterable of decoded samples.
 
-    Without resampling, shards are split over ranks, then over dataloader workers, so one pass
-    yields every sample exactly once (a rank or worker without a shard yields nothing). With
+    Without resampling, one pass yields every sample exactly once over all ranks and dataloader
+    workers. ``split="shards"`` deals the shards out over ranks, then over workers (a rank or
+    worker without a shard yields nothing); ``split="samples"`` has each of them read every
+    shard and keep every (ranks x workers)-th sample, so that no rank is left without data even
+    when there are fewer shards than ranks (evaluation sets, which are small). With
     resampling, ``epoch_samples`` is the number of samples per rank per epoch, divided over the
     dataloader workers.
 
@@ -141,9 +155,13 @@ def sample_pipeline(
     stream_seed = None if seed is None else wds.utils.make_seed(seed, epoch, rank, worker)
     if resampled:
         stages = [wds.ResampledShards(source.urls, seed=stream_seed or 0, deterministic=seed is not None)]
+    elif split == "samples":
+        stages = [wds.SimpleShardList(source.urls), wds.tarfile_to_samples(handler=handler),
+                  split_samples(rank, world_size)]
     else:
         stages = [wds.SimpleShardList(source.urls), split_by_rank(rank, world_size), wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=handler))
+    if resampled or split != "samples":
+        stages.append(wds.tarfile_to_samples(handler=handler))
     if shuffle_buffer > 1:
         shuffle_seed = None if seed is None else wds.utils.make_seed(stream_seed, 1)
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=shuffle_seed))
@@ -267,7 +285,7 @@ class ImageShards(L.LightningDataModule):
         else:
             build = lambda epoch: sample_pipeline(  # noqa: E731
                 source, False, self.shuffle_buffer if train else 0, rank=rank, world_size=world, seed=self.seed,
-                counter=self.skipped, epoch=epoch)
+                counter=self.skipped, epoch=epoch, split="shards" if train else "samples")
             length = None
         return _EpochLoader(
             _EpochSized(build, length), batch_size=self.batch_size, num_workers=self.num_workers,
@@ -286,6 +304,18 @@ class ImageShards(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader(self.test_source, False)
+
+    def validation_examples(self, n: int) -> dict:
+        """The first ``n`` validation samples (model units), in order and whole on every rank: the
+        fixed examples of a report that must not depend on the number of processes."""
+        xs, ys = [], []
+        for sample in sample_pipeline(self.val_source or self.train_source, counter=self.skipped):
+            xs.append(sample["x"])
+            if "label" in sample:
+                ys.append(sample["label"])
+            if len(xs) >= n:
+                break
+        return {"x": torch.stack(xs), **({"label": torch.stack(ys)} if ys else {})}
 
     def reference_images(self, limit: Optional[int] = None, source: Optional[ShardSource] = None):
         """uint8 ``(N, C, H, W)`` images (and labels or None) read once, in order: the real

@@ -127,6 +127,10 @@ class AdversarialFinetuning(FlowMapTask):
         return {**super().known_shapes(datamodule),
                 "discriminator data shape": getattr(self.discriminator, "data_shape", None)}
 
+    #: each iteration makes two backward passes, each of which leaves the other player's
+    #: parameters without a gradient
+    unused_parameters = True
+
     def configure_optimizers(self):
         return [self._optimizer(list(self.trainable_parameters())),
                 self._d_optimizer(list(self.discriminator.parameters()))]

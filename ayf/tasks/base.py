@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ayf.checkpoints import FORMAT
+from ayf.distributed import reset_run_dir
 from ayf.errors import ConfigError, NonFiniteLossError
 from ayf.nn.cond import Cond
 from ayf.objectives.base import Batch, State
@@ -39,6 +40,8 @@ class AyfTask(L.LightningModule):
     sample_guidance = None
     #: the ODE solver :meth:`generate` uses by default (None: the flow-map sampler)
     default_solver = None
+    #: some steps leave trainable parameters without a gradient (DDP must be told, see :meth:`setup`)
+    unused_parameters = False
 
     def __init__(
         self,
@@ -82,6 +85,12 @@ class AyfTask(L.LightningModule):
 
     def setup(self, stage):
         self.check_shapes(self.attached_datamodule())
+        reset_run_dir(self.trainer)  # on every rank: under DDP, asking for it on rank 0 alone would hang
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if self.unused_parameters and ddp_kwargs is not None:
+            # plain DDP would stop at the next step ("parameters that were not used in producing the
+            # loss"); the strategy wraps the model after this hook
+            ddp_kwargs["find_unused_parameters"] = True
 
     def configure_optimizers(self):
         opt = self._optimizer(list(self.trainable_parameters()))
@@ -115,9 +124,11 @@ class AyfTask(L.LightningModule):
         """Mean loss of one batch; logs it and the objective's statistics under ``stage/``."""
         per, stats = self.objective(self.net, self.to_batch(batch), self.objective_state())
         loss = per.mean()
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test")
+        # validation and test figures are means over every rank's batches (a no-op in one process)
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=sync)
         for name, value in stats.items():
-            self.log(f"{stage}/{name}", value)
+            self.log(f"{stage}/{name}", value, sync_dist=sync)
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):

@@ -58,7 +58,7 @@ class FlowMapTask(AyfTask):
         dm = self.attached_datamodule()
         if dm is not None:
             self.teacher.bind_data(dm)
-        self.check_shapes(dm)
+        super().setup(stage)
 
     # --- sampling ---------------------------------------------------------------------------
     def sampling_model(self, lam):

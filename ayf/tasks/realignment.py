@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from ayf.checkpoints import CheckpointTeacher, build_network
+from ayf.distributed import run_dir
 from ayf.errors import ConfigError
 from ayf.math.path import interpolate
 from ayf.nn.cond import Cond
@@ -106,6 +107,7 @@ class Realignment(AyfTask):
             raise ConfigError(f"the realigned network lacks weights of the original: {missing[:3]}")
         self.set_objective(RealignmentObjective(original, target, p_mean, p_std))
         self.history = []
+        self.unused_parameters = embedding_steps > 0  # that phase trains the time embedding alone
 
     def net_config(self) -> dict:
         return self.realigned_config
@@ -140,15 +142,20 @@ class Realignment(AyfTask):
     def _eval_set(self):
         """Fixed validation examples: data, labels, noise and times spread over the valid range."""
         if getattr(self, "_eval", None) is None:
-            xs, labels = [], []
-            for batch in self.trainer.datamodule.val_dataloader():
-                b = self.to_batch(batch)
-                xs.append(b.x0)
-                labels.append(b.cond.label)
-                if sum(len(x) for x in xs) >= self.hparams.eval_examples:
-                    break
-            x0 = torch.cat(xs)[: self.hparams.eval_examples]
-            label = None if labels[0] is None else torch.cat(labels)[: len(x0)]
+            dm = self.trainer.datamodule
+            if hasattr(dm, "validation_examples"):  # whole on every rank, whatever the number of processes
+                b = self.to_batch(dm.validation_examples(self.hparams.eval_examples))
+                x0, label = b.x0, b.cond.label
+            else:
+                xs, labels = [], []
+                for batch in dm.val_dataloader():
+                    b = self.to_batch(batch)
+                    xs.append(b.x0)
+                    labels.append(b.cond.label)
+                    if sum(len(x) for x in xs) >= self.hparams.eval_examples:
+                        break
+                x0 = torch.cat(xs)[: self.hparams.eval_examples]
+                label = None if labels[0] is None else torch.cat(labels)[: len(x0)]
             gen = torch.Generator().manual_seed(0)
             lo, hi = self.objective.teacher.net.backbone.t_range
             t = lo + (hi - lo) * (torch.arange(len(x0), dtype=torch.float64) + 0.5) / len(x0)
@@ -173,12 +180,12 @@ class Realignment(AyfTask):
             return
         entry = dict(self.velocity_error(), when="validation")
         self.history.append(entry)
-        self.log("val/velocity_rel_error", entry["velocity_rel_error"])
+        self.log("val/velocity_rel_error", entry["velocity_rel_error"], sync_dist=True)
         self._write_report()
 
     def _write_report(self):
         if self.trainer.is_global_zero:
-            path = self.hparams.report or os.path.join(self.trainer.log_dir or ".", "realignment.json")
+            path = self.hparams.report or os.path.join(run_dir(self.trainer), "realignment.json")
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
                 json.dump({"teacher": self.hparams.teacher, "before": self.history[0],

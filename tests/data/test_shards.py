@@ -105,6 +105,25 @@ def test_split_over_ranks_and_workers_yields_each_sample_once(tmp_path, world_si
     assert sorted(seen) == sorted(bytes(img) for img in x)
 
 
+@pytest.mark.parametrize("world_size,workers", [(2, 1), (3, 2)])
+def test_sample_split_gives_every_rank_a_balanced_share_even_from_one_shard(tmp_path, world_size, workers):
+    """The evaluation split: fewer shards than ranks, yet every rank and worker gets data, the
+    shares differ by at most one sample, and together they hold each sample once."""
+    x, y = _images(11, (1, 8, 8))
+    write_dataset(Source(x, y), tmp_path / "one")
+    src = ShardSource(str(tmp_path / "one"))
+    assert len(src.urls) == 1
+    seen, sizes = [], []
+    for rank in range(world_size):
+        pipe = sample_pipeline(src, rank=rank, world_size=world_size, raw=True, split="samples")
+        mine = [bytes(img.numpy()) for batch in torch.utils.data.DataLoader(pipe, batch_size=2, num_workers=workers)
+                for img in batch["x"]]
+        seen += mine
+        sizes.append(len(mine))
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert sorted(seen) == sorted(bytes(img) for img in x)
+
+
 def test_resampled_epoch_has_fixed_length(tmp_path):
     _, src = _shard_set(tmp_path)
     pipe = sample_pipeline(src, resampled=True, shuffle_buffer=16, epoch_samples=37)

@@ -15,7 +15,7 @@ from ayf.cli import main
 from ayf.math.samplers import sample_flow_map
 from ayf.math.times import time_grid
 from tests.edm2_runs import imagenet64_layout
-from tests.toy_runs import CONF, SMALL_NET, blobs, shipped, toy_args
+from tests.toy_runs import CONF, SMALL_NET, shipped, stage_args, toy_args, write_image_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -284,38 +284,6 @@ READS = {"distill_emd": ["teacher"], "distill_cfg": ["teacher"], "distill_autogu
          "adversarial_autoguidance": ["teacher", "distill_autoguidance"], "realign": ["teacher_edm2"]}
 # the imagenet64 recipes read the converted EDM2 fixtures (tests/edm2_runs.py) and these stages
 READS_IMAGENET64 = {"distill_autoguidance": ["realign"], "adversarial": ["realign", "distill_autoguidance"]}
-# teachers the image configs name that no tiny run writes (teacher_cfg, a 1000-step checkpoint, a smaller
-# weak teacher): the tiny teacher's last checkpoint stands in; it is trained with label dropout, for CFG
-STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_path",
-            "distill_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path",
-            "adversarial_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path"}
-
-
-def stage_args(dataset, stage):
-    """``ayf fit`` of a shipped stage under its tests/conf/<dataset> overlays."""
-    if dataset == "imagenet64":
-        overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
-    else:
-        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset in ("toy", "points")
-                    else {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}.get(stage, "tiny_net")]
-    args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
-                                                         ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
-    if dataset not in ("toy", "points") and stage == "teacher":
-        args += ["--model.label_dropout", "0.1"]
-    if dataset in ("digits", "fashion_mnist") and stage in STAND_IN:
-        args += [STAND_IN[stage], f"runs/{dataset}/teacher/version_0/checkpoints/last.ckpt"]
-    return args
-
-
-def write_image_data(dataset):
-    """Tiny shards in data/<dataset>/{train,val} and a feature extractor in data/<dataset>/features.pt."""
-    images, labels = blobs(64)
-    np.savez(f"{dataset}.npz", images=images, labels=labels)
-    assert main(["shards", "arrays", "--images", f"{dataset}.npz", "--output", f"data/{dataset}", "--val_fraction", "0.25"]) == 0
-    assert main(["features", "fit", "--train", f"data/{dataset}/train", "--val", f"data/{dataset}/val", "--output",
-                 f"data/{dataset}/features.pt", "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0
-
-
 @pytest.fixture(scope="module")
 def fit_stage(tmp_path_factory):
     """Fits a shipped stage once in a scratch directory laid out like the repository's (data/<dataset>/,
