@@ -92,6 +92,39 @@ def upgrade(ckpt: dict) -> dict:
     return ckpt
 
 
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, numpy, python) as plain data (tensors, ints), so a
+    checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "words": list(words), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores :func:`rng_state`'s states (CUDA only where as many devices are visible)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["words"]), p["gauss"]))
+
+
 def read_checkpoint(path: str, what: str = "checkpoint", hint: str = None) -> dict:
     """Loads a checkpoint written by ``ayf fit`` on CPU, in the current layout
     (``what``/``hint``: see :func:`load_ayf_file`)."""

@@ -56,6 +56,19 @@ def gather_in_order(trainer, local: torch.Tensor, n: int) -> torch.Tensor:
     return gathered.reshape(size * chunk, *local.shape[1:])[:n]
 
 
+def gather_objects(trainer, obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects); every rank must call it.
+    One process, or no trainer: ``[obj]``."""
+    _, size = world(trainer)
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(trainer, name: str) -> None:
     """Waits for every rank (after work that only rank 0 did); a no-op in one process."""
     if trainer is not None and trainer.world_size > 1:

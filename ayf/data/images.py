@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ayf.data.loaders import ResumableLoader
 from ayf.data.shards import MANIFEST, read_manifest, to_model_units
 from ayf.errors import ConfigError
 
@@ -200,19 +201,13 @@ class _EpochSized(torch.utils.data.IterableDataset):
         return self.length
 
 
-class _EpochLoader(torch.utils.data.DataLoader):
-    """A DataLoader that tells its ``_EpochSized`` dataset which epoch starts (``epoch_fn``,
-    read in the main process), so a resumed run continues the same order."""
+class _EpochLoader(ResumableLoader):
+    """A ResumableLoader that tells its ``_EpochSized`` dataset which pass starts (in the main
+    process), so a resumed run continues the same order from the same batch."""
 
-    def __init__(self, dataset, *args, epoch_fn=None, **kwargs):
-        super().__init__(dataset, *args, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        if epoch is not None:
-            self.dataset.epoch = epoch
-        return super().__iter__()
+    def prepare_epoch(self, epoch: int) -> None:
+        super().prepare_epoch(epoch)
+        self.dataset.epoch = epoch
 
 
 class ImageShards(L.LightningDataModule):
@@ -289,12 +284,8 @@ class ImageShards(L.LightningDataModule):
             length = None
         return _EpochLoader(
             _EpochSized(build, length), batch_size=self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, epoch_fn=self._current_epoch if train else None,
+            persistent_workers=self.num_workers > 0, seed=self.seed or 0,
         )
-
-    def _current_epoch(self) -> Optional[int]:
-        trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else None
 
     def train_dataloader(self):
         return self._loader(self.train_source, True)

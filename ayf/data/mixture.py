@@ -5,8 +5,9 @@ from typing import List, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from ayf.data.loaders import tensor_loader
 from ayf.errors import ConfigError
 from ayf.math.analytic import MixtureOracle
 
@@ -78,8 +79,7 @@ class GaussianMixture(L.LightningDataModule):
         return self._split("val", max(n, self.val_samples), 1).x[:n]
 
     def _loader(self, ds, shuffle):
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return tensor_loader(ds, self.batch_size, shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self):
         return self._loader(self._split("train", self.train_samples, 0), True)

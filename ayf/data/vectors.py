@@ -6,9 +6,9 @@ from typing import Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ayf.data.arrays import read_arrays
+from ayf.data.loaders import tensor_loader
 from ayf.data.mixture import _Samples
 from ayf.errors import ConfigError
 
@@ -57,7 +57,7 @@ class VectorData(L.LightningDataModule):
             y = vy = None
         if batch_size < 1 or batch_size > len(x):
             raise ConfigError(f"batch_size must lie in [1, {len(x)}] (the training rows), got {batch_size}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.data_shape = (x.shape[1],)
         self.num_classes = None if y is None else int(max(y.max(), -1 if vy is None else vy.max())) + 1
         self._sets = {"train": self._samples(x, y), "val": self._samples(vx, vy)}
@@ -87,8 +87,7 @@ class VectorData(L.LightningDataModule):
         return self._sets["val"].x[:n]
 
     def _loader(self, ds, shuffle):
-        return DataLoader(ds, batch_size=min(self.batch_size, len(ds)), shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return tensor_loader(ds, min(self.batch_size, len(ds)), shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self):
         return self._loader(self._sets["train"], True)

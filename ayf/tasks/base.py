@@ -2,18 +2,30 @@
 checkpoint metadata, the loss guard and sampling through :mod:`ayf.sampling`."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from ayf.checkpoints import FORMAT
-from ayf.distributed import reset_run_dir
+from ayf.checkpoints import FORMAT, rng_state, set_rng_state
+from ayf.distributed import gather_objects, reset_run_dir, world
 from ayf.errors import ConfigError, NonFiniteLossError
 from ayf.nn.cond import Cond
 from ayf.objectives.base import Batch, State
 from ayf.sampling import generate
+
+#: base seed of the draws of validation and test batches (see AyfTask.evaluation_rng)
+VALIDATION_SEED = 12345
+
+
+@contextlib.contextmanager
+def _fixed_rng(device, seed: int):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def default_optimizer(params):
@@ -61,6 +73,17 @@ class AyfTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._rng_to_restore = checkpoint.get("ayf_rng")
+
+    def on_train_start(self):
+        # a resumed run draws on from where the checkpointed one stood (restored here, after
+        # Lightning's own set-up, which must not be able to move the stream); the loader's
+        # position comes back through Lightning's loop state (ayf.data.loaders.ResumableLoader)
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            rank, size = world(self.trainer)
+            set_rng_state(states[rank] if len(states) == size else states[0])
+        self._rng_to_restore = None
 
     def set_sample_guidance(self, lam: float) -> None:
         """Sets :attr:`sample_guidance`; a model that cannot be guided raises ConfigError."""
@@ -143,10 +166,18 @@ class AyfTask(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.loss(batch, "val")
+        with self.evaluation_rng(batch_idx):
+            self.loss(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self.loss(batch, "test")
+        with self.evaluation_rng(batch_idx):
+            self.loss(batch, "test")
+
+    def evaluation_rng(self, batch_idx: int):
+        """A context in which evaluation draws its times and noise from a fixed seed per batch,
+        and after which the training RNG stands where it stood: validation losses compare across
+        steps, and a run that validates draws the same training noise as one that does not."""
+        return _fixed_rng(self.device, VALIDATION_SEED + batch_idx)
 
     def log(self, name, value, *args, **kwargs):
         """LightningModule.log with the batch size of the last :meth:`to_batch` (dict batches
@@ -176,6 +207,8 @@ class AyfTask(L.LightningModule):
         hp = checkpoint.get("hyper_parameters")
         if hp:
             checkpoint["hyper_parameters"] = {k: v for k, v in hp.items() if _plain(v)}
+        rng = gather_objects(self._trainer, rng_state())  # every rank's, for its own resume
+        checkpoint["ayf_rng"] = rng  # beside the metadata, which stays plain (JSON-able) data
         checkpoint["ayf"] = {
             "format": FORMAT,
             "kind": self.kind,

@@ -149,13 +149,15 @@ def test_seeded_training_order_repeats_and_changes_with_epoch_and_seed(tmp_path)
     assert once[0] == once[1] != once[2] and sorted(once[0]) == sorted(once[2]) and len(once[0]) == 53
 
 
-def _passes(dm, n):
+def _passes(dm, n, position=None):
     loader = dm.train_dataloader()
+    if position is not None:
+        loader.load_state_dict(position)
     return [[bytes(img.numpy()) for b in loader for img in b["x"]] for _ in range(n)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_datamodule_training_order_follows_seed_and_trainer_epoch(tmp_path, workers):
+def test_datamodule_training_order_follows_seed_and_saved_position(tmp_path, workers):
     _shard_set(tmp_path)
     make = lambda seed: ImageShards(train=str(tmp_path / "s"), batch_size=8, epoch_length=32,  # noqa: E731
                                     num_workers=workers, seed=seed)
@@ -163,12 +165,10 @@ def test_datamodule_training_order_follows_seed_and_trainer_epoch(tmp_path, work
     assert first == _passes(make(0), 3)  # a second run repeats the first
     assert first[0] != first[1] != first[2] and first[0] != _passes(make(1), 1)[0]
 
-    class Trainer:  # what a resumed run's trainer reports: epoch 2 comes first
-        current_epoch, global_rank, world_size = 2, 0, 1
-
-    dm = make(0)
-    dm.trainer = Trainer()
-    assert _passes(dm, 1)[0] == first[2]
+    # a resumed run: the checkpoint's position says pass 2, one batch (8 images) served
+    assert _passes(make(0), 1, {"epoch": 2, "batches": 0})[0] == first[2]
+    resumed = _passes(make(0), 2, {"epoch": 2, "batches": 1})
+    assert resumed[0] == first[2][8:] and len(resumed[1]) == 32 and resumed[1] != first[2]
 
 
 def _rewrite_member(path, bad_key, payload):
