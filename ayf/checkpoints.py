@@ -125,6 +125,34 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["words"]), p["gauss"]))
 
 
+def atomic_write(path: str, write) -> None:
+    """Calls ``write(fh)`` on a temporary file beside ``path``, then renames it to ``path``
+    (fsync'd, one ``os.replace`` on the same file system): a reader or a kill at any moment sees
+    the old file or the new one, never a part of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem = f".{os.path.basename(path)}.tmp"
+    tmp = os.path.join(folder, f"{stem}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for stale in os.listdir(folder):  # the temporary files of writers killed before their rename
+        if stale.startswith(stem):
+            os.remove(os.path.join(folder, stale))
+    try:  # the rename itself survives a power cut once the folder is synced
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def read_checkpoint(path: str, what: str = "checkpoint", hint: str = None) -> dict:
     """Loads a checkpoint written by ``ayf fit`` on CPU, in the current layout
     (``what``/``hint``: see :func:`load_ayf_file`)."""

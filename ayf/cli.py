@@ -43,6 +43,7 @@ def _lightning_cli(args):
     from lightning.pytorch.cli import LightningCLI
 
     from ayf.callbacks.progress import ProgressBar
+    from ayf.checkpoint_io import AtomicCheckpointIO
     from ayf.checkpoints import refuse_old_layout
     from ayf.ckpt_args import keep_typed_model_args
     from ayf.tasks.base import AyfTask
@@ -52,11 +53,16 @@ def _lightning_cli(args):
         bar unless the config disables bars or names its own."""
 
         def _instantiate_trainer(self, config, callbacks):
+            from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
             from lightning.pytorch.callbacks import ProgressBar as AnyBar
 
             listed = list(config.get("callbacks") or []) + list(callbacks)
             if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
                 callbacks = list(callbacks) + [ProgressBar()]
+            plugins = config.get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written atomically
+                config["plugins"] = plugins + [AtomicCheckpointIO()]
             return super()._instantiate_trainer(config, callbacks)
 
         def parse_arguments(self, parser, args):
@@ -66,7 +72,10 @@ def _lightning_cli(args):
         def _parse_ckpt_path(self):
             # Lightning drops `--model.*` options typed with --ckpt_path (Lightning-AI/pytorch-lightning#21455):
             # ayf.ckpt_args puts them back. A checkpoint of an older ayf layout is refused first.
+            # `--ckpt_path last` is the run's newest last.ckpt, continued in its own version folder.
             sub = self.config.get("subcommand")
+            if sub is not None and self.config[sub].get("ckpt_path") == "last":
+                resolve_last_checkpoint(self.config[sub])
             if sub is not None and self.config[sub].get("ckpt_path"):
                 refuse_old_layout(self.config[sub]["ckpt_path"])
             before = self.config.clone()
@@ -98,6 +107,30 @@ def _lightning_cli(args):
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": False},
     )
+
+
+def resolve_last_checkpoint(cfg) -> None:
+    """``ckpt_path: last`` -> the newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the
+    config's logger (Lightning alone would look only in the new run's empty version folder, and
+    start from scratch). The resumed run writes to a new version folder, whose last.ckpt is then
+    the newest: a second interruption resumes from there."""
+    import glob
+    import os
+
+    from ayf.errors import ConfigError
+
+    logger = cfg.get("trainer.logger")
+    args = getattr(logger, "init_args", None)
+    if args is None or getattr(args, "save_dir", None) is None:
+        raise ConfigError("--ckpt_path last needs the config's TensorBoardLogger (save_dir, name) to find the run; "
+                          "pass the checkpoint file instead")
+    name = getattr(args, "name", None) or "lightning_logs"
+    pattern = os.path.join(args.save_dir, name, "version_*", "checkpoints", "last.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise ConfigError(f"--ckpt_path last: no checkpoint matches {pattern}; nothing to resume")
+    cfg["ckpt_path"] = found[-1]
+    print(f"ayf: resuming {found[-1]}", file=sys.stderr)
 
 
 def main(args=None) -> int:

@@ -4,7 +4,6 @@ back in order, and rank-0-only work behind a barrier."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -73,14 +72,3 @@ def barrier(trainer, name: str) -> None:
     """Waits for every rank (after work that only rank 0 did); a no-op in one process."""
     if trainer is not None and trainer.world_size > 1:
         trainer.strategy.barrier(name)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename, so that a reader (or a
-    killed writer) never leaves a half-written file under ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -2,6 +2,7 @@
 refused with a one-line error naming `ayf upgrade`; and a student's net defaults to its teacher's."""
 import os
 
+import pytest
 import torch
 
 from ayf.checkpoints import FORMAT, CheckpointTeacher, load_network
@@ -61,3 +62,22 @@ def test_student_net_defaults_to_the_teachers_architecture_with_s_and_lam_branch
     velocity = guided.teacher.net.velocity  # copied weights: F(x, t, s) = v(x, t) for every s at init
     c = Cond.build(4, label=torch.tensor([0, 1, 0, 1]), lam=2.0)
     torch.testing.assert_close(task.net(x, t, torch.zeros(4), c), velocity(x, t, c.with_(lam=None)))
+
+
+def test_atomic_write_keeps_the_old_file_whole_when_the_writer_fails(tmp_path):
+    from ayf.checkpoints import atomic_write
+
+    path = tmp_path / "last.ckpt"
+    atomic_write(str(path), lambda fh: fh.write(b"old"))
+    (tmp_path / ".last.ckpt.tmp999").write_bytes(b"half")  # left by a writer killed before its rename
+
+    def fails(fh):
+        fh.write(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(str(path), fails)
+    assert path.read_bytes() == b"old"
+    atomic_write(str(path), lambda fh: fh.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no temporary file stays behind

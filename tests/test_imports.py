@@ -16,7 +16,7 @@ LAYERS = [
     ("objectives",),
     ("data",),
     ("metrics",),
-    ("tasks", "callbacks"),
+    ("tasks", "callbacks", "checkpoint_io"),
     ("ckpt_args", "sample", "convert", "make_shards", "make_points", "__init__"),
     ("cli",),
     ("__main__",),
