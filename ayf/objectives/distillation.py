@@ -44,14 +44,18 @@ class DistillationObjective(Objective):
         weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2), ``gap`` (t - s),
             ``inv_gap`` (1 / (t - s + 0.05)) or ``adaptive`` (docs/maths.md §3).
         guidance_range: ``[lo, hi]`` of lam ~ U[lo, hi] drawn per example for a guided teacher.
+        mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
+            there) get a zero loss instead of making the whole batch's loss NaN; their count is
+            the ``masked`` statistic.
     """
 
     #: gamma of the sampler that suits the objective (consistency models re-noise: 1)
     sample_gamma = 0.0
 
     def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
-                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0)):
+                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False):
         super().__init__()
+        self.mask_nonfinite = mask_nonfinite
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -103,11 +107,18 @@ class DistillationObjective(Objective):
     def terms(self, net, x0, cond, eps, t, s, r=None):
         x_t = interpolate(x0, eps, t)
         F, g = self.tangent(net, x_t, t, s, cond, r)
-        g_norm = g.flatten(1).norm(dim=1).mean()
+        stats = {}
+        if self.mask_nonfinite:
+            bad = ~torch.isfinite(g.flatten(1)).all(dim=1)
+            # a zero tangent makes the target F itself: zero loss and zero gradient there (a NaN
+            # target would poison the gradient even behind a mask)
+            g = torch.where(bad.view(-1, *[1] * (g.dim() - 1)), torch.zeros_like(g), g)
+            stats["masked"] = bad.sum().to(g.dtype)
+        stats["tangent_norm"] = g.flatten(1).norm(dim=1).mean()
         per = flow_map_loss(F, normalize_tangent(g, self.tangent_norm), t, s, self.weighting)
         if self.adaptive is not None:
             per = adaptive_weighted_loss(per, self.adaptive(t, s))
-        return per, {"tangent_norm": g_norm}
+        return per, stats
 
 
 class EMD(DistillationObjective):

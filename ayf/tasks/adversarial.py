@@ -60,6 +60,11 @@ class AdversarialFinetuning(FlowMapTask):
         d_optimizer: discriminator optimiser factory (default as the generator's).
         compile: run the regression term (teacher, JVP, forward) through ``torch.compile``, as
             FlowMapDistillation's ``compile`` does; fakes and discriminator stay eager.
+        mask_nonfinite: give examples whose tangent is not finite a zero loss (counted in
+            ``train/masked``) instead of letting them make the batch's loss NaN.
+        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
+            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
+        max_skips: with ``skip``, stop after this many non-finite steps in a row.
     """
 
     kind = "AdversarialFinetuning"
@@ -84,6 +89,9 @@ class AdversarialFinetuning(FlowMapTask):
         optimizer: Optional[OptimizerCallable] = None,
         d_optimizer: Optional[OptimizerCallable] = None,
         compile: bool = False,
+        mask_nonfinite: bool = False,
+        nonfinite: str = "stop",
+        max_skips: int = 10,
     ):
         if init_weights not in INIT_WEIGHTS:
             raise ConfigError(f"unknown init_weights {init_weights!r}; choose one of {', '.join(INIT_WEIGHTS)}")
@@ -104,10 +112,10 @@ class AdversarialFinetuning(FlowMapTask):
                 net.load_state_dict(loaded.state_dict())
             except RuntimeError as err:
                 raise ConfigError(f"the net does not match {distilled_ckpt}: {str(err).splitlines()[0]}") from None
-        super().__init__(optimizer or default_gan_optimizer, None, compile)
+        super().__init__(optimizer or default_gan_optimizer, None, compile, nonfinite, max_skips)
         self.save_hyperparameters(ignore=["optimizer", "d_optimizer"])
         self.wire(net.train(), teacher, objective, sample_guidance, time_sampler=time_sampler,
-                  tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range)
+                  tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite)
         self.automatic_optimization = False
         self._net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback
@@ -155,7 +163,8 @@ class AdversarialFinetuning(FlowMapTask):
         b = self.to_batch(batch)
         with self.toggled_optimizer(d_opt):
             loss, stats = self.discriminator_loss(b.x0, b.cond, steps)
-            self.check_finite(loss, "discriminator loss")
+            if not self.check_finite(loss, "discriminator loss"):  # skipped (nonfinite: skip)
+                return loss.detach(), stats
             d_opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             d_opt.step()
@@ -166,7 +175,8 @@ class AdversarialFinetuning(FlowMapTask):
         g_opt, _ = self.optimizers()
         with self.toggled_optimizer(g_opt):
             loss, stats = self.generator_loss(batch, steps)
-            self.check_finite(loss, "generator loss")
+            if not self.check_finite(loss, "generator loss"):  # skipped (nonfinite: skip)
+                return loss.detach(), stats
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             g_opt.step()

@@ -3,6 +3,7 @@ checkpoint metadata, the loss guard and sampling through :mod:`ayf.sampling`."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional
 
 import lightning as L
@@ -15,6 +16,11 @@ from ayf.errors import ConfigError, NonFiniteLossError
 from ayf.nn.cond import Cond
 from ayf.objectives.base import Batch, State
 from ayf.sampling import generate
+
+log = logging.getLogger("ayf.tasks")
+
+#: what a non-finite training loss does (AyfTask's ``nonfinite``)
+NONFINITE = ("stop", "skip")
 
 #: base seed of the draws of validation and test batches (see AyfTask.evaluation_rng)
 VALIDATION_SEED = 12345
@@ -60,11 +66,19 @@ class AyfTask(L.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         compile: bool = False,
+        nonfinite: str = "stop",
+        max_skips: int = 10,
     ):
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ConfigError(f"unknown nonfinite policy {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
+        if max_skips < 0:
+            raise ConfigError(f"max_skips must be >= 0, got {max_skips}")
         self._optimizer = optimizer or default_optimizer
         self._lr_scheduler = lr_scheduler
         self.compile_loss = compile
+        self.nonfinite, self.max_skips = nonfinite, int(max_skips)
+        self.skipped_steps, self._skips_in_a_row, self._skip_update = 0, 0, False
         self.checkpoint_step = 0  # global_step of the checkpoint these weights came from (ayf test reports it)
 
     def set_objective(self, objective) -> None:
@@ -121,12 +135,33 @@ class AyfTask(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._lr_scheduler(opt), "interval": "step"}}
 
-    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
-        if not torch.isfinite(loss).all():
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> bool:
+        """True when ``loss`` is finite on every rank. Otherwise, by the ``nonfinite`` policy:
+        ``stop`` raises NonFiniteLossError; ``skip`` counts and logs the step and returns False
+        (the caller makes no update), and raises after ``max_skips`` such steps in a row. Every
+        rank must call it: under DDP a non-finite loss on one rank skips the step on all."""
+        bad = not bool(torch.isfinite(loss).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            self._skips_in_a_row = 0
+            return True
+        if self.nonfinite == "stop":
             raise NonFiniteLossError(
                 f"non-finite {what} ({loss.item()}) at step {self.global_step}: training stopped; "
-                "the last saved checkpoint is untouched (lower the learning rate or check the data)"
+                "the last saved checkpoint is untouched (lower the learning rate, check the data, "
+                "or set nonfinite: skip)"
             )
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self._skips_in_a_row > self.max_skips:
+            raise NonFiniteLossError(
+                f"non-finite {what} in {self._skips_in_a_row} steps in a row (max_skips {self.max_skips}) at step "
+                f"{self.global_step}: training stopped; the last saved checkpoint is untouched")
+        log.warning("non-finite %s at step %d: step skipped (%d in a row, %d in all)", what, self.global_step,
+                    self._skips_in_a_row, self.skipped_steps)
+        return False
 
     # --- the objective ----------------------------------------------------------------------
     def to_batch(self, batch) -> Batch:
@@ -162,8 +197,20 @@ class AyfTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch, "train")
-        self.check_finite(loss)
+        self._skip_update = not self.check_finite(loss)
+        if self._skip_update:
+            # a zero that touches every trainable parameter: under DDP every rank still joins the
+            # gradient all-reduce; on_before_optimizer_step then drops the gradients, so that the
+            # optimiser (its moments included) leaves these parameters as they were
+            return sum((p * 0).sum() for p in self.trainable_parameters())
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._skip_update:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._skip_update = False
 
     def validation_step(self, batch, batch_idx):
         with self.evaluation_rng(batch_idx):

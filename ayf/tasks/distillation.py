@@ -37,6 +37,11 @@ class FlowMapDistillation(FlowMapTask):
             every lam in it. Paper: [1, 3].
         sample_guidance: lam of validation, plots and ``ayf test`` (default: the middle of
             guidance_range); ``ayf test --guidance`` overrides it.
+        mask_nonfinite: give examples whose tangent is not finite a zero loss (counted in
+            ``train/masked``) instead of letting them make the batch's loss NaN.
+        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
+            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
+        max_skips: with ``skip``, stop after this many non-finite steps in a row.
     """
 
     kind = "FlowMapDistillation"
@@ -53,10 +58,13 @@ class FlowMapDistillation(FlowMapTask):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         compile: bool = False,
+        mask_nonfinite: bool = False,
+        nonfinite: str = "stop",
+        max_skips: int = 10,
         guidance_range: List[float] = (1.0, 3.0),
         sample_guidance: Optional[float] = None,
     ):
-        super().__init__(optimizer, lr_scheduler, compile)
+        super().__init__(optimizer, lr_scheduler, compile, nonfinite, max_skips)
         if teacher is None:
             raise ConfigError("FlowMapDistillation needs a teacher (--model.teacher)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -64,7 +72,7 @@ class FlowMapDistillation(FlowMapTask):
         if net is None:
             net, self._net_config = student_for(teacher)
         self.wire(net, teacher, objective, sample_guidance, time_sampler=time_sampler, tangent_norm=tangent_norm,
-                  weighting=weighting, guidance_range=guidance_range)
+                  weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
             init_from_teacher = isinstance(teacher_net, FlowMap)

@@ -24,6 +24,9 @@ class FlowMatching(AyfTask):
         label_dropout: share of training labels replaced by the null label, so that the same
             network also learns the unconditional velocity that classifier-free guidance needs.
         compile: run the loss computation through ``torch.compile`` (first step compiles).
+        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
+            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
+        max_skips: with ``skip``, stop after this many non-finite steps in a row.
     """
 
     kind = "FlowMatching"
@@ -38,8 +41,10 @@ class FlowMatching(AyfTask):
         p_std: float = 1.0,
         label_dropout: float = 0.0,
         compile: bool = False,
+        nonfinite: str = "stop",
+        max_skips: int = 10,
     ):
-        super().__init__(optimizer, lr_scheduler, compile)
+        super().__init__(optimizer, lr_scheduler, compile, nonfinite, max_skips)
         if net.is_flow_map:
             raise ConfigError("FlowMatching trains a velocity model: give the net `s_embedding: none`")
         if label_dropout > 0 and net.num_classes == 0:

@@ -84,6 +84,9 @@ class Realignment(AyfTask):
         eval_examples: validation examples in the velocity-error report.
         report: JSON file of the report (default: realignment.json in the run's log folder).
         compile: run the loss computation through ``torch.compile``.
+        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
+            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
+        max_skips: with ``skip``, stop after this many non-finite steps in a row.
     """
 
     kind = "Realignment"
@@ -93,8 +96,8 @@ class Realignment(AyfTask):
                  optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  embedding_lr: float = 3e-3, p_mean: float = 0.0, p_std: float = 1.0, t_num_freqs: int = 64,
                  t_max_freq: float = 256.0, eval_examples: int = 512, report: Optional[str] = None,
-                 compile: bool = False):
-        super().__init__(optimizer, lr_scheduler, compile)
+                 compile: bool = False, nonfinite: str = "stop", max_skips: int = 10):
+        super().__init__(optimizer, lr_scheduler, compile, nonfinite, max_skips)
         if embedding_steps < 0:
             raise ConfigError(f"embedding_steps must be >= 0, got {embedding_steps}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
