@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.ayf-installed
 DEMO    ?= demo_out
 
-.PHONY: help install test test-slow test-ddp test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial bench-ablation digits-data points-data fashion-data clean
+.PHONY: help install tools test test-slow test-ddp test-gpu demo lint bench bench-images bench-throughput bench-guidance bench-adversarial bench-ablation digits-data points-data fashion-data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create .venv and install ayf with dev extras (idempotent)
 
-test: install  ## run the default test suite (CPU, offline, < 10 min)
+tools:  ## system tools the tests use: docker-compose (Debian), which validates docker/compose.yaml
+	command -v docker-compose >/dev/null || apt-get install -y -qq docker-compose >/dev/null \
+	  || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null)
+
+test: install tools  ## run the default test suite (CPU, offline, < 10 min)
 	$(BIN)/python -m pytest -q
 
 test-slow: install  ## the slow lane: trains the toy and checks it learned

@@ -40,12 +40,14 @@ TOOLS = {"sample": "ayf.sample", "convert": "ayf.convert", "shards": "ayf.make_s
 
 def _lightning_cli(args):
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
 
     from ayf.callbacks.progress import ProgressBar
     from ayf.checkpoint_io import AtomicCheckpointIO
     from ayf.checkpoints import refuse_old_layout
     from ayf.ckpt_args import keep_typed_model_args
+    from ayf.errors import ConfigError
     from ayf.tasks.base import AyfTask
 
     class AyfCLI(LightningCLI):
@@ -63,7 +65,13 @@ def _lightning_cli(args):
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written atomically
                 config["plugins"] = plugins + [AtomicCheckpointIO()]
-            return super()._instantiate_trainer(config, callbacks)
+            check_devices(config)
+            try:
+                trainer = super()._instantiate_trainer(config, callbacks)
+            except (MisconfigurationException, ValueError) as err:  # Lightning's word on an impossible setting
+                raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+            check_global_batch(getattr(self, "datamodule", None), trainer)
+            return trainer
 
         def parse_arguments(self, parser, args):
             self.typed = list(sys.argv[1:] if args is None else args)
@@ -107,6 +115,42 @@ def _lightning_cli(args):
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": False},
     )
+
+
+def check_devices(trainer_config) -> None:
+    """One-line errors for device settings that cannot run here: FSDP without a GPU, and more
+    devices than this machine has (Lightning's own messages, which are tracebacks, cover the rest)."""
+    import os
+
+    import torch
+
+    from ayf.errors import ConfigError
+
+    strategy, accelerator = str(trainer_config.get("strategy", "auto")), str(trainer_config.get("accelerator", "auto"))
+    devices = trainer_config.get("devices", "auto")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)
+    if strategy.startswith("fsdp") and on_cpu:
+        raise ConfigError(f"strategy {strategy} needs GPUs (accelerator gpu); this run is on CPU: use ddp there")
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(f"accelerator {accelerator}, but no GPU is visible here (torch.cuda.is_available() is False)")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        have = (os.cpu_count() or 1) if on_cpu else gpus
+        if devices > have:
+            kind = "CPU cores" if on_cpu else "GPUs"
+            raise ConfigError(f"devices {devices}, but this machine has {have} {kind}")
+
+
+def check_global_batch(datamodule, trainer) -> None:
+    """A data module's ``global_batch_size`` must split evenly over the processes and the
+    accumulated batches: checked here, before any process starts."""
+    from ayf.data.loaders import split_global_batch
+
+    total = getattr(datamodule, "global_batch_size", None)
+    if total is not None:
+        split_global_batch(total, trainer.num_devices * trainer.num_nodes, trainer.accumulate_grad_batches)
 
 
 def resolve_last_checkpoint(cfg) -> None:

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO:-demo_out}
-AYF=.venv/bin/ayf
-PY=.venv/bin/python
+AYF=${AYF:-.venv/bin/ayf}   # the container sets AYF=ayf and PY=python (docker/compose.yaml)
+PY=${PY:-.venv/bin/python}
 if [ -e "$DEMO/metrics.md" ]; then
   echo "$DEMO already holds a finished demo; move it away or run: make demo DEMO=another_folder" >&2
   exit 1

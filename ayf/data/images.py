@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ayf.data.loaders import ResumableLoader
+from ayf.data.loaders import ResumableLoader, device_batch
 from ayf.data.shards import MANIFEST, read_manifest, to_model_units
 from ayf.errors import ConfigError
 
@@ -219,6 +219,8 @@ class ImageShards(L.LightningDataModule):
         val: validation shards (same forms); default: none.
         test: test shards; default: the validation shards, else the training shards.
         batch_size: images per batch (per device).
+        global_batch_size: the batch over all devices (and accumulated batches) instead: each device's
+            ``batch_size`` becomes its share, and it must split evenly (``ayf fit`` checks it first).
         epoch_length: training samples per epoch per device (default: the training set size).
         resampled: draw training shards with replacement (infinite stream cut into epochs);
             False reads each training sample once per epoch instead.
@@ -240,6 +242,7 @@ class ImageShards(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         num_workers: int = 0,
         seed: Optional[int] = 0,
+        global_batch_size: Optional[int] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -252,6 +255,7 @@ class ImageShards(L.LightningDataModule):
                 raise ConfigError(f"{src.spec} (shape {src.shape}, {src.num_classes} classes) does not match the "
                                   f"training shards (shape {self.train_source.shape}, {self.train_source.num_classes} classes)")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.global_batch_size = global_batch_size
         self.epoch_length = epoch_length or len(self.train_source)
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.skipped = SkipCounter()
@@ -283,7 +287,7 @@ class ImageShards(L.LightningDataModule):
                 counter=self.skipped, epoch=epoch, split="shards" if train else "samples")
             length = None
         return _EpochLoader(
-            _EpochSized(build, length), batch_size=self.batch_size, num_workers=self.num_workers,
+            _EpochSized(build, length), batch_size=device_batch(self), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, seed=self.seed or 0,
         )
 

@@ -1,8 +1,11 @@
-"""A training DataLoader that a resumed run picks up where the checkpoint left it."""
+"""The training loaders: resumable (a resumed run picks up at the checkpoint's batch) and the
+per-device share of a global batch."""
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
+
+from ayf.errors import ConfigError
 
 
 class ResumableLoader(DataLoader):
@@ -67,3 +70,24 @@ def tensor_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, see
     kind, extra = (ResumableLoader, {"seed": seed}) if shuffle else (DataLoader, {})
     return kind(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=num_workers,
                 persistent_workers=num_workers > 0, **extra)
+
+
+
+def split_global_batch(total: int, processes: int, accumulate: int = 1) -> int:
+    """The per-device share of a global batch of ``total`` over ``processes`` and ``accumulate``
+    accumulated batches; a ConfigError unless it splits evenly."""
+    parts = processes * accumulate
+    if total < 1 or total % parts:
+        raise ConfigError(f"global_batch_size {total} does not split over {processes} processes x {accumulate} "
+                          f"accumulated batches ({parts} parts); choose a multiple of {parts}")
+    return total // parts
+
+
+def device_batch(datamodule) -> int:
+    """The per-device batch of a data module: its ``batch_size``, or its ``global_batch_size``
+    divided over the trainer's processes and accumulated batches."""
+    total = getattr(datamodule, "global_batch_size", None)
+    trainer = getattr(datamodule, "trainer", None)
+    if total is None or trainer is None:
+        return datamodule.batch_size
+    return split_global_batch(total, trainer.world_size, trainer.accumulate_grad_batches)

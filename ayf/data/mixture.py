@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from ayf.data.loaders import tensor_loader
+from ayf.data.loaders import device_batch, tensor_loader
 from ayf.errors import ConfigError
 from ayf.math.analytic import MixtureOracle
 
@@ -30,7 +30,9 @@ class GaussianMixture(L.LightningDataModule):
     Args:
         mixture: mapping with keys ``means`` (K x D), ``stds`` (K) and ``weights`` (K). The
             analytic teacher reads the same mapping from here.
-        batch_size: examples per batch.
+        batch_size: examples per batch (per device).
+        global_batch_size: the batch over all devices (and accumulated batches) instead: each device's
+            ``batch_size`` becomes its share, and it must split evenly (``ayf fit`` checks it first).
         train_samples: size of the (fixed, seeded) training set.
         val_samples: size of the validation set.
         seed: seed of the drawn data.
@@ -48,6 +50,7 @@ class GaussianMixture(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         classes: Optional[List[int]] = None,
+        global_batch_size: Optional[int] = None,
     ):
         super().__init__()
         try:
@@ -58,6 +61,7 @@ class GaussianMixture(L.LightningDataModule):
             raise ConfigError("batch_size must be positive and at most train_samples")
         self.mixture = {k: mixture[k] for k in ("means", "stds", "weights")}
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.global_batch_size = global_batch_size
         self.train_samples, self.val_samples = train_samples, val_samples
         self.data_shape = (self.oracle.dim,)
         k = len(self.mixture["weights"])
@@ -79,7 +83,7 @@ class GaussianMixture(L.LightningDataModule):
         return self._split("val", max(n, self.val_samples), 1).x[:n]
 
     def _loader(self, ds, shuffle):
-        return tensor_loader(ds, self.batch_size, shuffle, self.num_workers, self.seed)
+        return tensor_loader(ds, device_batch(self), shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self):
         return self._loader(self._split("train", self.train_samples, 0), True)

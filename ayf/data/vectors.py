@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ayf.data.arrays import read_arrays
-from ayf.data.loaders import tensor_loader
+from ayf.data.loaders import device_batch, tensor_loader
 from ayf.data.mixture import _Samples
 from ayf.errors import ConfigError
 
@@ -28,7 +28,9 @@ class VectorData(L.LightningDataModule):
         dim: the dimensionality D that the model expects; another is a one-line error (None: any).
         val_path: a separate validation file (same layout); then ``val_fraction`` is not used.
         val_fraction: share of the rows held out for validation.
-        batch_size: examples per batch.
+        batch_size: examples per batch (per device).
+        global_batch_size: the batch over all devices (and accumulated batches) instead: each device's
+            ``batch_size`` becomes its share, and it must split evenly (``ayf fit`` checks it first).
         seed: seed of the split.
         num_workers: DataLoader workers.
     """
@@ -36,7 +38,7 @@ class VectorData(L.LightningDataModule):
     def __init__(self, path: str, data_key: Optional[str] = None, labels: Optional[str] = None,
                  labels_key: Optional[str] = None, use_labels: bool = True, dim: Optional[int] = None,
                  val_path: Optional[str] = None, val_fraction: float = 0.1, batch_size: int = 512, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, global_batch_size: Optional[int] = None):
         super().__init__()
         if not 0.0 < val_fraction < 1.0 and val_path is None:
             raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction}")
@@ -58,6 +60,7 @@ class VectorData(L.LightningDataModule):
         if batch_size < 1 or batch_size > len(x):
             raise ConfigError(f"batch_size must lie in [1, {len(x)}] (the training rows), got {batch_size}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.global_batch_size = global_batch_size
         self.data_shape = (x.shape[1],)
         self.num_classes = None if y is None else int(max(y.max(), -1 if vy is None else vy.max())) + 1
         self._sets = {"train": self._samples(x, y), "val": self._samples(vx, vy)}
@@ -87,7 +90,7 @@ class VectorData(L.LightningDataModule):
         return self._sets["val"].x[:n]
 
     def _loader(self, ds, shuffle):
-        return tensor_loader(ds, min(self.batch_size, len(ds)), shuffle, self.num_workers, self.seed)
+        return tensor_loader(ds, min(device_batch(self), len(ds)), shuffle, self.num_workers, self.seed)
 
     def train_dataloader(self):
         return self._loader(self._sets["train"], True)

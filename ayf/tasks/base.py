@@ -34,6 +34,19 @@ def _fixed_rng(device, seed: int):
         yield
 
 
+def check_compile(device) -> None:
+    """A one-line ConfigError when ``torch.compile`` cannot compile on ``device`` here (no C++
+    compiler for the CPU backend, no Triton for the GPU one, an unsupported platform), instead of a
+    long compiler traceback at the first training step."""
+    probe = torch.compile(lambda x: torch.sin(x) * 2.0 + 1.0, dynamic=False)
+    try:
+        probe(torch.ones(4, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure of the compiler stack means the same
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"compile: true, but torch.compile cannot compile for {device.type} on this machine "
+                          f"({type(err).__name__}: {first}); set compile: false") from None
+
+
 def default_optimizer(params):
     return torch.optim.Adam(params, lr=1e-3)
 
@@ -122,6 +135,8 @@ class AyfTask(L.LightningModule):
 
     def setup(self, stage):
         self.check_shapes(self.attached_datamodule())
+        if self.compile_loss and stage == "fit":
+            check_compile(self.trainer.strategy.root_device)
         reset_run_dir(self.trainer)  # on every rank: under DDP, asking for it on rank 0 alone would hang
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if self.unused_parameters and ddp_kwargs is not None:
