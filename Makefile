@@ -63,7 +63,7 @@ bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD /
 	$(BIN)/python benchmarks/images.py --dataset digits
 
 bench-throughput: install  ## U-Net training and sampling images/s (CPU, or the GPU when present)
-	$(BIN)/python benchmarks/throughput.py --precision fp32 bf16
+	$(BIN)/python benchmarks/throughput.py --precision fp32 bf16 bf16-jvp
 
 bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log-density, per-mode recall; CPU, ~15 min)
 	$(BIN)/python benchmarks/guidance.py

@@ -56,11 +56,11 @@ def fm_loss(student, x0, t, eps):
     return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_loss(student, teacher, x0, t, s, eps, r):
+def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False):
     x_t = interpolate(x0, eps, t)
     with torch.no_grad():
         v = teacher.velocity(x_t, t)
-    F, g = emd_tangent(student, x_t, t, s, v, r=r)
+    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32)
     return flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
 
 

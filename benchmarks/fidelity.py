@@ -9,6 +9,7 @@ number of velocity calls (NFE) sit beside them. Prints markdown tables and write
     python benchmarks/fidelity.py                 # all runs, 4000 steps each
     python benchmarks/fidelity.py --runs emd --max_steps 1000
     python benchmarks/fidelity.py --eval_only     # re-evaluate existing checkpoints
+    python benchmarks/fidelity.py --runs emd,emd_ddp2 --max_steps 1500   # one process against two (DDP)
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import argparse
 import glob
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -33,6 +36,9 @@ RUNS = {  # name -> (config, extra CLI overrides)
     "emd_adaptive": ("distill_emd", ["--model.weighting", "adaptive"]),
     "lmd": ("distill_lmd", []),
     "consistency": ("distill_consistency", []),
+    # the same global batch (1024) as `emd`, split over two CPU processes by DDP
+    "emd_ddp2": ("distill_emd", ["--trainer.strategy", "ddp", "--trainer.devices", "2",
+                                 "--data.init_args.global_batch_size", "1024"]),
 }
 STEPS = (1, 2, 4, 8, 16)
 
@@ -44,7 +50,12 @@ def train(name, out, max_steps):
             "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
             "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false", *extra]
     start = time.time()
-    if ayf_main(args) != 0:
+    if "--trainer.strategy" in extra:  # several processes: Lightning relaunches the command, so run `ayf` itself
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        code = subprocess.run([sys.executable, "-m", "ayf", *args], env=env).returncode
+    else:
+        code = ayf_main(args)
+    if code != 0:
         raise SystemExit(f"training {name} failed")
     return time.time() - start
 

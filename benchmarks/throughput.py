@@ -10,8 +10,10 @@ s = t (its s branch adds one small embedding MLP to a teacher's cost). Figures a
 3 warm-up calls; compare rows measured in the same run.
 
 --precision bf16 runs every step under bfloat16 autocast (what Lightning's `precision: bf16-mixed`
-does); its row also gives the relative error of the EMD tangent g against float32 on the same
-inputs, ||g_bf16 - g_fp32|| / ||g_fp32||, since the tangent is where low precision costs accuracy.
+does) with the student's JVP in float32, as the distillation tasks do by default (jvp_float32);
+bf16-jvp runs the JVP under autocast too (jvp_float32: false). Their rows also give the relative
+error of the EMD tangent g against float32 on the same inputs, ||g_bf16 - g_fp32|| / ||g_fp32||,
+since the tangent is where low precision costs accuracy.
 
 --compile adds, for each precision, a row whose two training steps run their loss computation
 through torch.compile (what `compile: true` on a task does); compilation happens in the warm-up
@@ -50,8 +52,9 @@ def main():
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="override the per-size default batch")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                   help="one row per size and precision; bf16 = bfloat16 autocast")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "bf16-jvp"],
+                   help="one row per size and precision; bf16 = bfloat16 autocast with a float32 JVP, "
+                   "bf16-jvp = the JVP under autocast too")
     p.add_argument("--compile", action="store_true", help="also time the training steps under torch.compile")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -71,7 +74,7 @@ def main():
 
 def autocast(device, precision: str):
     """bfloat16 autocast for ``"bf16"``, nothing for ``"fp32"``."""
-    if precision == "bf16":
+    if precision.startswith("bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -107,7 +110,8 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
     fm, emd = (torch.compile(fn, dynamic=False) if compiled else fn for fn in (fm_loss, emd_loss))
     t_fm, _ = measure(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision), repeats, device,
                       memory=False)
-    t_emd, _ = measure(in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r), device, precision),
+    jvp32 = precision == "bf16"
+    t_emd, _ = measure(in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r, jvp32), device, precision),
                        repeats, device, memory=False)
     student.eval()
     rate = {1: "-", 4: "-"}  # sampling is timed on the eager rows only
@@ -141,7 +145,7 @@ def tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision: 
     def tangent():
         with torch.no_grad():
             v = teacher(x_t, t, None, Cond(label=label))
-        return emd_tangent(student, x_t, t, s, v, r=r, cond=Cond(label=label))[1].float()
+        return emd_tangent(student, x_t, t, s, v, r=r, cond=Cond(label=label), jvp_float32=precision == "bf16")[1].float()
 
     g32 = tangent()
     with autocast(device, precision):

@@ -10,6 +10,7 @@ than back-propagating through the JVP's primal (``benchmarks/cost.py``).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -21,14 +22,20 @@ from ayf.math.flow_map import bcast
 FFn = Callable[..., torch.Tensor]
 
 
-def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None):
+def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False):
     """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))`` without autograd graph.
 
     x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached. Attention
     (``scaled_dot_product_attention``) runs on its math kernel here: fused kernels lack
-    forward-mode rules.
+    forward-mode rules. ``float32``: inside an autocast region (bf16 / fp16 mixed precision), run
+    the JVP with autocast off and float32 inputs, since the tangent is where low precision costs
+    accuracy (outside autocast it changes nothing).
     """
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+    ctx = contextlib.nullcontext()
+    if float32 and torch.is_autocast_enabled(x.device.type):
+        ctx = torch.autocast(x.device.type, enabled=False)
+        x, t, s, dx, dt, ds = (a.float() for a in (x, t, s, dx, dt, ds))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), ctx:
         F, dF = jvp(lambda a, b, c: F_fn(a, b, c, cond), (x, t, s), (dx, dt, ds))
     return F, dF
 
@@ -38,21 +45,24 @@ def _with_graph(F_fn, x, t, s, cond, F_minus):
     return F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
 
 
-def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None):
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False):
     """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
     fixed) and ``g = (v - F-) + r (s - t) dF/dt``, which equals ``d/dt f(x_t, t, s)`` at r = 1
     and vanishes at the exact flow map. v: teacher velocity at ``(x_t, t)``, ``(B, *D)``.
 
+    ``jvp_float32``: the JVP in float32 inside autocast (:func:`jvp_average_velocity`).
+
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond)
-    g = (v - F_minus) + r * bcast(s - t, x_t) * dF_dt
+    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond,
+                                          float32=jvp_float32)
+    g = (v.to(F_minus.dtype) - F_minus) + r * bcast(s - t, x_t).to(F_minus.dtype) * dF_dt
     return _with_graph(F_fn, x_t, t, s, cond, F_minus), g
 
 
-def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None):
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False):
     """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
@@ -62,9 +72,9 @@ def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None):
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F_minus, dF_ds = jvp_average_velocity(
-        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s), cond
+        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s), cond, float32=jvp_float32
     )
-    gap = bcast(s - t, x_t)
+    gap = bcast(s - t, x_t).to(F_minus.dtype)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():
         v_end = velocity_fn(f_minus, s, cond)

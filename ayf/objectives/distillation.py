@@ -44,6 +44,9 @@ class DistillationObjective(Objective):
         weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2), ``gap`` (t - s),
             ``inv_gap`` (1 / (t - s + 0.05)) or ``adaptive`` (docs/maths.md §3).
         guidance_range: ``[lo, hi]`` of lam ~ U[lo, hi] drawn per example for a guided teacher.
+        jvp_float32: inside mixed precision (``--trainer.precision bf16-mixed``), compute the
+            student's JVP in float32 (default; the tangent is where low precision costs accuracy);
+            false runs it under autocast like the rest of the step (faster, less exact).
         mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
             there) get a zero loss instead of making the whole batch's loss NaN; their count is
             the ``masked`` statistic.
@@ -53,9 +56,10 @@ class DistillationObjective(Objective):
     sample_gamma = 0.0
 
     def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
-                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False):
+                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False,
+                 jvp_float32: bool = True):
         super().__init__()
-        self.mask_nonfinite = mask_nonfinite
+        self.mask_nonfinite, self.jvp_float32 = mask_nonfinite, jvp_float32
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -128,7 +132,7 @@ class EMD(DistillationObjective):
     def tangent(self, net, x_t, t, s, cond, r):
         with torch.no_grad():
             v = self.teacher(x_t, t, cond)
-        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond)
+        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond, jvp_float32=self.jvp_float32)
 
 
 class LMD(DistillationObjective):
@@ -136,7 +140,7 @@ class LMD(DistillationObjective):
     jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warmup."""
 
     def tangent(self, net, x_t, t, s, cond, r):
-        return lmd_tangent(net, self.teacher, x_t, t, s, cond)
+        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32)
 
 
 class Consistency(EMD):

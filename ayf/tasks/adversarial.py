@@ -62,6 +62,8 @@ class AdversarialFinetuning(FlowMapTask):
             FlowMapDistillation's ``compile`` does; fakes and discriminator stay eager.
         mask_nonfinite: give examples whose tangent is not finite a zero loss (counted in
             ``train/masked``) instead of letting them make the batch's loss NaN.
+        jvp_float32: in mixed precision, compute the student's JVP in float32 (default) rather
+            than under autocast.
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
@@ -90,6 +92,7 @@ class AdversarialFinetuning(FlowMapTask):
         d_optimizer: Optional[OptimizerCallable] = None,
         compile: bool = False,
         mask_nonfinite: bool = False,
+        jvp_float32: bool = True,
         nonfinite: str = "stop",
         max_skips: int = 10,
     ):
@@ -115,7 +118,8 @@ class AdversarialFinetuning(FlowMapTask):
         super().__init__(optimizer or default_gan_optimizer, None, compile, nonfinite, max_skips)
         self.save_hyperparameters(ignore=["optimizer", "d_optimizer"])
         self.wire(net.train(), teacher, objective, sample_guidance, time_sampler=time_sampler,
-                  tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite)
+                  tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
+                  jvp_float32=jvp_float32)
         self.automatic_optimization = False
         self._net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback

@@ -39,6 +39,8 @@ class FlowMapDistillation(FlowMapTask):
             guidance_range); ``ayf test --guidance`` overrides it.
         mask_nonfinite: give examples whose tangent is not finite a zero loss (counted in
             ``train/masked``) instead of letting them make the batch's loss NaN.
+        jvp_float32: in mixed precision, compute the student's JVP in float32 (default) rather
+            than under autocast.
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
@@ -59,6 +61,7 @@ class FlowMapDistillation(FlowMapTask):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         compile: bool = False,
         mask_nonfinite: bool = False,
+        jvp_float32: bool = True,
         nonfinite: str = "stop",
         max_skips: int = 10,
         guidance_range: List[float] = (1.0, 3.0),
@@ -72,7 +75,8 @@ class FlowMapDistillation(FlowMapTask):
         if net is None:
             net, self._net_config = student_for(teacher)
         self.wire(net, teacher, objective, sample_guidance, time_sampler=time_sampler, tangent_norm=tangent_norm,
-                  weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite)
+                  weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
+                  jvp_float32=jvp_float32)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
             init_from_teacher = isinstance(teacher_net, FlowMap)

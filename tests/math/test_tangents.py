@@ -161,3 +161,30 @@ def test_warmup_never_exceeds_cap():
     assert warmup_ratio(5, 0) == pytest.approx(0.99)
     with pytest.raises(ValueError):
         warmup_ratio(1, 10, r_max=1.0)
+
+
+def test_jvp_runs_in_float32_inside_bf16_autocast_unless_told_otherwise():
+    """jvp_float32 (the objectives' default) keeps the tangent at float32 accuracy inside a
+    bfloat16 autocast region; without it the tangent carries bf16's error."""
+    from ayf.math.tangents import emd_tangent, lmd_tangent
+    from ayf.nn import MLP, FlowMap
+
+    torch.manual_seed(0)
+    net = FlowMap(MLP(2, 64, 2, 32), s_embedding="t_minus_s")
+    x, v = torch.randn(256, 2), torch.randn(256, 2)
+    t = torch.rand(256) * 0.9 + 0.05
+    s = t * torch.rand(256)
+    teacher = lambda x, t, cond=None: torch.cos(x) * t[:, None]  # noqa: E731
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    with torch.no_grad():
+        for name, tangent in (("emd", lambda **kw: emd_tangent(net, x, t, s, v, r=0.7, **kw)),
+                              ("lmd", lambda **kw: lmd_tangent(net, teacher, x, t, s, **kw))):
+            _, ref = tangent()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, exact = tangent(jvp_float32=True)
+                _, rough = tangent(jvp_float32=False)
+            assert rel(exact, ref) < 1e-2 * rel(rough, ref), name
+            assert rel(rough, ref) > 1e-3, name
