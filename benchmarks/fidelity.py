@@ -43,12 +43,13 @@ RUNS = {  # name -> (config, extra CLI overrides)
 STEPS = (1, 2, 4, 8, 16)
 
 
-def train(name, out, max_steps):
+def train(name, out, max_steps, seed=0):
     cfg, extra = RUNS[name]
     root = os.path.join(out, "runs")
     args = ["fit", "--config", f"configs/toy/{cfg}.yaml", "--trainer.max_steps", str(max_steps),
             "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root,
-            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.logger.init_args.name", name, "--trainer.enable_progress_bar", "false",
+            "--seed_everything", str(seed), *extra]
     start = time.time()
     if "--trainer.strategy" in extra:  # several processes: Lightning relaunches the command, so run `ayf` itself
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -122,13 +123,14 @@ def main():
     p.add_argument("--max_steps", type=int, default=4000)
     p.add_argument("--out", default="bench_out/fidelity")
     p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="training seed (seed_everything)")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     names = [n for n in args.runs.split(",") if n]
     times = {}
     if not args.eval_only:
         for name in names:
-            times[name] = train(name, args.out, args.max_steps)
+            times[name] = train(name, args.out, args.max_steps, args.seed)
     rows = evaluate(args.out, names)
     cols = ["model", "N", "median_dist", "rms_dist", "mean_logp", "mmd"]
     table = format_table(rows, cols)

@@ -73,6 +73,8 @@ class Probe(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         torch.save(batch, os.path.join(OUT, f"{self.name}_batch{trainer.global_rank}.pt"))
+        # the stream each rank would have drawn from (ranks get their own, see AyfTask.on_train_start)
+        torch.save(torch.get_rng_state(), os.path.join(OUT, f"{self.name}_stream{trainer.global_rank}.pt"))
         torch.manual_seed(DRAW_SEED)
 
 

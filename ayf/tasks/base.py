@@ -107,9 +107,14 @@ class AyfTask(L.LightningModule):
         # Lightning's own set-up, which must not be able to move the stream); the loader's
         # position comes back through Lightning's loop state (ayf.data.loaders.ResumableLoader)
         states = getattr(self, "_rng_to_restore", None)
+        rank, size = world(self.trainer)
         if states:
-            rank, size = world(self.trainer)
             set_rng_state(states[rank] if len(states) == size else states[0])
+        elif size > 1:
+            # every rank starts from the same seed, which would give all of them the same times and
+            # noise for their different examples: a stream per rank makes the global batch's draws
+            # independent, as one process's are (the weights agree anyway: DDP broadcasts rank 0's)
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
         self._rng_to_restore = None
 
     def set_sample_guidance(self, lam: float) -> None:

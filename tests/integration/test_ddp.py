@@ -76,6 +76,9 @@ def test_one_ddp_step_equals_one_process_step_on_the_combined_batch(ddp_steps, t
     ranks = [torch.load(ddp_steps / f"{task}_rank{r}.pt", weights_only=True) for r in (0, 1)]
     batches = [torch.load(ddp_steps / f"{task}_batch{r}.pt", weights_only=False)["x"] for r in (0, 1)]
     assert not torch.equal(batches[0], batches[1])  # the ranks saw different halves
+    # and, left to themselves, would draw different times and noise for them
+    streams = [torch.load(ddp_steps / f"{task}_stream{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(streams[0], streams[1])
     replay, control = float_weights(ddp_steps / f"{task}_replay.pt"), float_weights(ddp_steps / f"{task}_control.pt")
     start = {k: v for k, v in ranks[0]["initial"].items() if k in replay}
     moved = max((replay[k] - start[k]).abs().max().item() for k in replay)
