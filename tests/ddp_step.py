@@ -9,6 +9,7 @@ the task from the same seed and replays the step in one process on the combined 
 loss of the two halves (each with the draws its rank made), one backward, one step. It writes
 ``OUT/<task>_rank<r>.pt`` and ``OUT/<task>_replay.pt`` (the initial weights too), which the test
 compares, and ``OUT/<task>_control.pt``, a replay that saw rank 0's half twice (it must differ).
+The ``skip`` task has a NaN loss on rank 1 only, under ``nonfinite: skip``: no rank may update.
 """
 import os
 import sys
@@ -57,8 +58,22 @@ def realignment():
     return Realignment(teacher=EDM2, embedding_steps=0, target="teacher", optimizer=sgd, eval_examples=8)
 
 
+def skipping():
+    """Distillation with ``nonfinite: skip`` whose loss is NaN on rank 1 only: both ranks must skip."""
+    task = FlowMapDistillation(net=mlp_flow_map("t_minus_s"), teacher=MixtureTeacher(MIXTURE), objective="emd",
+                               optimizer=sgd, nonfinite="skip")
+    forward = task.objective.forward
+
+    def poisoned(net, batch, state=None):
+        per, stats = forward(net, batch, state)
+        return (per * float("nan") if task.trainer.global_rank == 1 else per), stats
+
+    task.objective.forward = poisoned
+    return task
+
+
 TASKS = {"flow_matching": flow_matching, "distillation": distillation, "adversarial": adversarial,
-         "realignment": realignment}
+         "realignment": realignment, "skip": skipping}
 
 
 def weights(task):
@@ -110,7 +125,8 @@ def ddp_step(name):
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=data(name))
     rank = trainer.global_rank
-    torch.save({"initial": initial, "after": weights(task)}, os.path.join(OUT, f"{name}_rank{rank}.pt"))
+    torch.save({"initial": initial, "after": weights(task), "skipped": task.skipped_steps},
+               os.path.join(OUT, f"{name}_rank{rank}.pt"))
     dist.barrier()
     return rank
 
@@ -163,7 +179,7 @@ def replay(name, use=(0, 1), tag="replay"):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     for name in sys.argv[4:] or TASKS:
-        if ddp_step(name) == 0:
+        if ddp_step(name) == 0 and name != "skip":
             replay(name)
             replay(name, use=(0, 0), tag="control")
         dist.barrier()

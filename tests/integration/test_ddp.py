@@ -93,6 +93,15 @@ def test_one_ddp_step_equals_one_process_step_on_the_combined_batch(ddp_steps, t
     assert off_control > 1e-5, off_control
 
 
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(ddp_steps):
+    """nonfinite: skip under DDP: the decision is shared, so neither rank updates (and none hangs)."""
+    for r in (0, 1):
+        saved = torch.load(ddp_steps / f"skip_rank{r}.pt", weights_only=True)
+        assert saved["skipped"] == 1
+        for key, value in saved["initial"].items():
+            assert torch.equal(saved["after"][key], value), (r, key)
+
+
 # --- whole runs through the CLI --------------------------------------------------------------
 def read_ckpt(run_dir):
     (path,) = glob.glob(os.path.join(str(run_dir), "version_*", "checkpoints", "last.ckpt"))
