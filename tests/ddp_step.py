@@ -143,7 +143,8 @@ def replay(name, use=(0, 1), tag="replay"):
     if hasattr(task, "teacher"):
         task.teacher.bind_data(data(name))
     initial = weights(task)
-    parts = [halves(name)[r] for r in use]
+    loaded = halves(name)
+    parts = [loaded[r] for r in use]
     if name == "adversarial":
         g_opt, d_opt = sgd(task.trainable_parameters()), sgd(task.discriminator.parameters())
         steps = task.fake_steps_at(0)

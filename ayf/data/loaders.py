@@ -56,8 +56,6 @@ class ResumableLoader(DataLoader):
             done = self._served >= len(self)
         except TypeError:  # no length
             done = False
-        if self._next == 0:  # not started
-            return {"epoch": 0, "batches": 0}
         return {"epoch": self._epoch + 1, "batches": 0} if done else {"epoch": self._epoch, "batches": self._served}
 
     def load_state_dict(self, state: dict) -> None:

@@ -60,13 +60,7 @@ class AdversarialFinetuning(FlowMapTask):
         d_optimizer: discriminator optimiser factory (default as the generator's).
         compile: run the regression term (teacher, JVP, forward) through ``torch.compile``, as
             FlowMapDistillation's ``compile`` does; fakes and discriminator stay eager.
-        mask_nonfinite: give examples whose tangent is not finite a zero loss (counted in
-            ``train/masked``) instead of letting them make the batch's loss NaN.
-        jvp_float32: in mixed precision, compute the student's JVP in float32 (default) rather
-            than under autocast.
-        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
-            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
-        max_skips: with ``skip``, stop after this many non-finite steps in a row.
+        mask_nonfinite, jvp_float32, nonfinite, max_skips: as for FlowMapDistillation.
     """
 
     kind = "AdversarialFinetuning"
