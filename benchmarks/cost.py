@@ -3,7 +3,9 @@ batch: wall time and peak memory, as ratios measured in one run.
 
     python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30] [--no_compile]
 
-The EMD step includes the teacher call; the teacher has the student's architecture (a velocity
+The EMD step includes the teacher call, the JVP and the student's forward and backward pass; the
+`shared primal` rows take the student's prediction from the JVP's own forward pass instead of a
+second one (`shared_primal: true` on a task). the teacher has the student's architecture (a velocity
 FlowMap), as in real distillation. Both steps are timed eagerly and with their loss computation
 under torch.compile (what `compile: true` on a task does); each ratio compares like with like.
 Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
@@ -12,6 +14,7 @@ the bytes autograd saves for the backward pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -56,11 +59,11 @@ def fm_loss(student, x0, t, eps):
     return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False):
+def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False, shared_primal=False):
     x_t = interpolate(x0, eps, t)
     with torch.no_grad():
         v = teacher.velocity(x_t, t)
-    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32)
+    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32, shared_primal=shared_primal)
     return flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
 
 
@@ -118,15 +121,17 @@ def main():
     t, s = TimePairSampler()(args.batch, device=device)
     eps = torch.randn_like(x0)
     r = torch.tensor(0.5, device=device)
-    variants = [("eager", fm_loss, emd_loss)]
+    emd_shared = functools.partial(emd_loss, shared_primal=True)
+    variants = [("eager", fm_loss, emd_loss), ("eager, shared primal", fm_loss, emd_shared)]
     if not args.no_compile:
-        variants.append(("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss)))
+        variants += [("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss)),
+                     ("torch.compile, shared primal", torch.compile(fm_loss), torch.compile(emd_shared))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; MLP width {args.width}, depth {args.depth}, batch {args.batch}")
     print("| mode | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | memory ratio |")
     print("|---|---|---|---|---|---|")
     for mode, fm, emd in variants:
-        mem = mode == "eager" or device.type == "cuda"
+        mem = mode.startswith("eager") or device.type == "cuda"
         t_fm, m_fm = measure(lambda f=fm: step(opt, f, student, x0, t, eps), args.repeats, device, mem)
         t_emd, m_emd = measure(lambda f=emd: step(opt, f, student, teacher, x0, t, s, eps, r), args.repeats, device, mem)
         print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {t_emd / t_fm:.2f} | "

@@ -4,9 +4,11 @@
 scale) is held fixed: the JVP differentiates in x, t and s only. The JVP runs in the dtype of its inputs; train in float32 or
 bfloat16 autocast at your own risk, test in float64.
 
-The JVP runs without an autograd graph (theta- = stopgrad(theta)); when grad is enabled the
-trainable prediction ``F`` comes from a second, ordinary forward pass. On CPU this is cheaper
-than back-propagating through the JVP's primal (``benchmarks/cost.py``).
+By default the JVP runs without an autograd graph (theta- = stopgrad(theta)), and when grad is
+enabled the trainable prediction ``F`` comes from a second, ordinary forward pass. With
+``shared_primal`` the JVP runs with grad on instead, and ``F`` is its own primal output (the
+MeanFlow-style step: one forward pass fewer, equal in exact arithmetic; the tangent is still
+detached). ``benchmarks/throughput.py --shared_primal`` times both.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from ayf.math.flow_map import bcast
 FFn = Callable[..., torch.Tensor]
 
 
-def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False):
-    """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))`` without autograd graph.
+def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False, graph: bool = False):
+    """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))``.
 
-    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Both outputs are detached. Attention
+    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. dF is detached; so is F unless ``graph`` is set
+    and grad is enabled, in which case F keeps the autograd graph of its forward pass. Attention
     (``scaled_dot_product_attention``) runs on its math kernel here: fused kernels lack
     forward-mode rules. ``float32``: inside an autocast region (bf16 / fp16 mixed precision), run
     the JVP with autocast off and float32 inputs, since the tangent is where low precision costs
@@ -35,17 +38,24 @@ def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: boo
     if float32 and torch.is_autocast_enabled(x.device.type):
         ctx = torch.autocast(x.device.type, enabled=False)
         x, t, s, dx, dt, ds = (a.float() for a in (x, t, s, dx, dt, ds))
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), ctx:
+    grad = torch.enable_grad() if graph and torch.is_grad_enabled() else torch.no_grad()
+    with grad, sdpa_kernel([SDPBackend.MATH]), ctx:
         F, dF = jvp(lambda a, b, c: F_fn(a, b, c, cond), (x, t, s), (dx, dt, ds))
-    return F, dF
+    return F, dF.detach()
 
 
-def _with_graph(F_fn, x, t, s, cond, F_minus):
-    """The trainable prediction: a graph-carrying forward when grad is on, else F- itself."""
-    return F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
+def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, shared_primal):
+    """``(F with graph, F-, dF)``: the JVP, and the trainable prediction from a second forward pass
+    or, with ``shared_primal``, from the JVP's own primal (F- = F then, detached)."""
+    F_jvp, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, float32=jvp_float32, graph=shared_primal)
+    F_minus = F_jvp.detach()
+    if F_jvp.requires_grad or not torch.is_grad_enabled():
+        return F_jvp, F_minus, dF
+    return F_fn(x, t, s, cond), F_minus, dF
 
 
-def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False):
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False,
+                shared_primal: bool = False):
     """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
@@ -53,33 +63,35 @@ def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32:
     and vanishes at the exact flow map. v: teacher velocity at ``(x_t, t)``, ``(B, *D)``.
 
     ``jvp_float32``: the JVP in float32 inside autocast (:func:`jvp_average_velocity`).
+    ``shared_primal``: F is the JVP's primal rather than a second forward pass (module docstring).
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F_minus, dF_dt = jvp_average_velocity(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond,
-                                          float32=jvp_float32)
+    F, F_minus, dF_dt = _jvp_and_prediction(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond,
+                                            jvp_float32, shared_primal)
     g = (v.to(F_minus.dtype) - F_minus) + r * bcast(s - t, x_t).to(F_minus.dtype) * dF_dt
-    return _with_graph(F_fn, x_t, t, s, cond, F_minus), g
+    return F, g
 
 
-def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False):
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False,
+                shared_primal: bool = False):
     """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
     ``df/ds = F- + (s - t) dF/ds``; then ``g = v_phi(f-, s) - df/ds``, zero at the exact map.
-    velocity_fn(x, s, cond) is the (guided) teacher, called without grad.
+    velocity_fn(x, s, cond) is the (guided) teacher, called without grad. ``jvp_float32`` and
+    ``shared_primal``: as for :func:`emd_tangent`.
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
-    F_minus, dF_ds = jvp_average_velocity(
-        F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s), cond, float32=jvp_float32
-    )
+    F, F_minus, dF_ds = _jvp_and_prediction(F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t),
+                                            torch.ones_like(s), cond, jvp_float32, shared_primal)
     gap = bcast(s - t, x_t).to(F_minus.dtype)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():
         v_end = velocity_fn(f_minus, s, cond)
     g = v_end - (F_minus + gap * dF_ds)
-    return _with_graph(F_fn, x_t, t, s, cond, F_minus), g
+    return F, g
 
 
 def normalize_tangent(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:

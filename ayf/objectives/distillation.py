@@ -47,6 +47,9 @@ class DistillationObjective(Objective):
         jvp_float32: inside mixed precision (``--trainer.precision bf16-mixed``), compute the
             student's JVP in float32 (default; the tangent is where low precision costs accuracy);
             false runs it under autocast like the rest of the step (faster, less exact).
+        shared_primal: the trainable prediction F is the JVP's own primal output (the JVP then
+            runs with grad on) instead of a second forward pass: one forward pass fewer per step,
+            the same loss and gradient (MeanFlow-style; ayf/math/tangents.py).
         mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
             there) get a zero loss instead of making the whole batch's loss NaN; their count is
             the ``masked`` statistic.
@@ -57,9 +60,9 @@ class DistillationObjective(Objective):
 
     def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
                  weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False,
-                 jvp_float32: bool = True):
+                 jvp_float32: bool = True, shared_primal: bool = False):
         super().__init__()
-        self.mask_nonfinite, self.jvp_float32 = mask_nonfinite, jvp_float32
+        self.mask_nonfinite, self.jvp_float32, self.shared_primal = mask_nonfinite, jvp_float32, shared_primal
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -132,7 +135,8 @@ class EMD(DistillationObjective):
     def tangent(self, net, x_t, t, s, cond, r):
         with torch.no_grad():
             v = self.teacher(x_t, t, cond)
-        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond, jvp_float32=self.jvp_float32)
+        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond, jvp_float32=self.jvp_float32,
+                           shared_primal=self.shared_primal)
 
 
 class LMD(DistillationObjective):
@@ -140,7 +144,8 @@ class LMD(DistillationObjective):
     jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warmup."""
 
     def tangent(self, net, x_t, t, s, cond, r):
-        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32)
+        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32,
+                           shared_primal=self.shared_primal)
 
 
 class Consistency(EMD):

@@ -60,7 +60,7 @@ class AdversarialFinetuning(FlowMapTask):
         d_optimizer: discriminator optimiser factory (default as the generator's).
         compile: run the regression term (teacher, JVP, forward) through ``torch.compile``, as
             FlowMapDistillation's ``compile`` does; fakes and discriminator stay eager.
-        mask_nonfinite, jvp_float32, nonfinite, max_skips: as for FlowMapDistillation.
+        mask_nonfinite, jvp_float32, shared_primal, nonfinite, max_skips: as for FlowMapDistillation.
     """
 
     kind = "AdversarialFinetuning"
@@ -87,6 +87,7 @@ class AdversarialFinetuning(FlowMapTask):
         compile: bool = False,
         mask_nonfinite: bool = False,
         jvp_float32: bool = True,
+        shared_primal: bool = False,
         nonfinite: str = "stop",
         max_skips: int = 10,
     ):
@@ -113,7 +114,7 @@ class AdversarialFinetuning(FlowMapTask):
         self.save_hyperparameters(ignore=["optimizer", "d_optimizer"])
         self.wire(net.train(), teacher, objective, sample_guidance, time_sampler=time_sampler,
                   tangent_norm=tangent_norm, weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
-                  jvp_float32=jvp_float32)
+                  jvp_float32=jvp_float32, shared_primal=shared_primal)
         self.automatic_optimization = False
         self._net_config = meta["net"]
         self.initial_ema = ema_weights(ckpt)  # picked up by the EMA callback

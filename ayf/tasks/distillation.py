@@ -41,6 +41,9 @@ class FlowMapDistillation(FlowMapTask):
             ``train/masked``) instead of letting them make the batch's loss NaN.
         jvp_float32: in mixed precision, compute the student's JVP in float32 (default) rather
             than under autocast.
+        shared_primal: take the trainable prediction from the JVP's own forward pass instead of
+            a second one (MeanFlow-style): one forward pass fewer per step, the same gradient.
+            See benchmarks/throughput.py --shared_primal.
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
@@ -62,6 +65,7 @@ class FlowMapDistillation(FlowMapTask):
         compile: bool = False,
         mask_nonfinite: bool = False,
         jvp_float32: bool = True,
+        shared_primal: bool = False,
         nonfinite: str = "stop",
         max_skips: int = 10,
         guidance_range: List[float] = (1.0, 3.0),
@@ -76,7 +80,7 @@ class FlowMapDistillation(FlowMapTask):
             net, self._net_config = student_for(teacher)
         self.wire(net, teacher, objective, sample_guidance, time_sampler=time_sampler, tangent_norm=tangent_norm,
                   weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
-                  jvp_float32=jvp_float32)
+                  jvp_float32=jvp_float32, shared_primal=shared_primal)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
             init_from_teacher = isinstance(teacher_net, FlowMap)

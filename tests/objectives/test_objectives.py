@@ -100,3 +100,27 @@ def test_the_objective_hands_labels_and_lam_to_teacher_and_student(gen):
 
 def test_state_default_is_the_full_warmup():
     assert State().r == 0.99
+
+
+@pytest.mark.parametrize("kind", [EMD, LMD])
+def test_shared_primal_gives_the_same_loss_and_gradient_with_one_forward_pass_fewer(gen, kind):
+    """shared_primal takes F from the JVP's own primal: same loss and parameter gradient as the
+    second forward pass (float64), and the student's forward runs once per step instead of twice."""
+    teacher, student = nets(gen)
+    x0, eps, t, s = inputs(gen)
+    calls = []
+    student.register_forward_hook(lambda *_: calls.append(1))
+    results = {}
+    for shared in (False, True):
+        objective = kind(teacher, tangent_norm=0.1, weighting="inv_gap", shared_primal=shared)
+        calls.clear()
+        per, _ = objective.terms(student, x0, Cond(), eps, t, s, r=torch.tensor(0.7, dtype=torch.float64))
+        student.zero_grad()
+        per.mean().backward()
+        results[shared] = per.detach(), [p.grad.clone() for p in student.parameters()], len(calls)
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results[False], results[True]
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-14)
+    assert max(g.abs().max() for g in grads0) > 1e-3, "the check needs a non-zero gradient"
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (calls0, calls1) == (2, 1), (calls0, calls1)
