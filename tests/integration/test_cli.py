@@ -331,3 +331,30 @@ def test_imagenet64_fid_overlay_parses_over_the_recipe(capsys):
     metrics = [c for c in callbacks if c["class_path"] == "ayf.callbacks.FidelityMetrics"]
     assert len(metrics) == 1 and metrics[0]["init_args"]["steps"] == [1, 2, 4, 8]
     assert metrics[0]["init_args"]["extractor"]["class_path"] == "ayf.metrics.InceptionFeatures"
+
+
+def test_every_config_that_keeps_checkpoints_keeps_the_best_one():
+    """Beside last.ckpt and the periodic ones, each stage keeps best.ckpt by a metric it logs."""
+    for config in RUN_CONFIGS:
+        callbacks = layered(config).get("trainer", {}).get("callbacks") or []
+        kept = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+        if kept:
+            best = [a for a in kept if a.get("monitor")]
+            want = "val/velocity_rel_error" if "realign" in config else "val/loss"
+            assert [(a["monitor"], a["mode"], a["save_top_k"], a["filename"]) for a in best] == [(want, "min", 1, "best")], config
+
+
+def test_best_ckpt_holds_the_step_of_the_lowest_validation_loss(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(tiny(tmp_path, "teacher", steps=8, extra=["--trainer.val_check_interval", "2",
+                                                         "--model.optimizer.init_args.lr", "0.03"])) == 0
+    (folder,) = glob.glob(str(tmp_path / "teacher" / "version_*"))
+    events = EventAccumulator(folder)
+    events.Reload()
+    val = {e.step: e.value for e in events.Scalars("val/loss")}
+    assert len(val) == 4 and len(set(val.values())) == 4, val
+    best = torch.load(os.path.join(folder, "checkpoints", "best.ckpt"), map_location="cpu", weights_only=False)
+    # Lightning records the global step after the step; the logger the step of the validation
+    assert best["global_step"] == min(val, key=val.get) + 1, (best["global_step"], val)
+    assert os.path.exists(os.path.join(folder, "checkpoints", "last.ckpt"))
