@@ -51,6 +51,10 @@ MIXTURES = {
     },
 }
 
+# lr 1e-3 held for 500 steps, then decayed linearly to 0 at step 2500 (the make demo budget)
+LR_DECAY = ["--model.optimizer.init_args.lr", "0.001", "--model.lr_scheduler", "ayf.tasks.WarmupStableDecay",
+            "--model.lr_scheduler.decay_start", "500", "--model.lr_scheduler.decay_steps", "2000"]
+
 # name -> (what it varies, overrides of configs/toy/distill_emd.yaml)
 CELLS = {
     "base": ("the shipped config", []),
@@ -85,6 +89,12 @@ CELLS = {
     "long_gap_0.5": ("long_gap proposal with p_long = 0.5", [SAMPLER + "proposal", "long_gap", SAMPLER + "p_long", "0.5"]),
     "long_gap_lr_3e-4": ("long_gap proposal and lr 3e-4",
                          [SAMPLER + "proposal", "long_gap", "--model.optimizer.init_args.lr", "0.0003"]),
+    # a high learning rate that decays: large moves early, small ones at the end
+    "lr_1e-3_decay": ("lr 1e-3, linear decay to 0 over steps 500-2500", LR_DECAY),
+    "long_gap_lr_1e-3_decay": ("long_gap proposal, lr 1e-3 decaying to 0 over steps 500-2500",
+                               [SAMPLER + "proposal", "long_gap", *LR_DECAY]),
+    "ema_power_0.05": ("power-function EMA, sigma_rel 0.05 (base: classic EMA 0.999)",
+                       [{"EMA": {"decay": None, "sigma_rel": 0.05}}]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 

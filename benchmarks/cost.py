@@ -74,20 +74,38 @@ def step(opt, loss_fn, *args):
     opt.step()
 
 
-def measure(fn, repeats, device, memory=True):
+def timed(fn, device):
+    """Wall time of one call of ``fn`` (synchronised on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_pair(fn_a, fn_b, repeats, device):
+    """Side by side: after 3 warm-up calls of each, ``repeats`` calls of a and b in turn. Returns the
+    median times of a and of b, and the median of the ratios b / a of the calls made next to each
+    other, which a machine whose speed drifts during the run (a shared CPU) leaves nearly unbiased."""
+    for _ in range(3):
+        fn_a()
+        fn_b()
+    pairs = [(timed(fn_a, device), timed(fn_b, device)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(b / a for a, b in pairs))
+
+
+def measure(fn, repeats, device):
+    """Median wall time of ``repeats`` calls after 3 warm-up calls."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if not memory:
-        return statistics.median(times), float("nan")
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def peak_memory(fn, device):
+    """Peak bytes of one call: torch.cuda.max_memory_allocated on a GPU, autograd's saved tensors on CPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -97,7 +115,7 @@ def measure(fn, repeats, device, memory=True):
         with SavedBytes() as sb:
             fn()
         mem = sb.peak
-    return statistics.median(times), mem
+    return mem
 
 
 def main():
@@ -131,10 +149,13 @@ def main():
     print("| mode | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | memory ratio |")
     print("|---|---|---|---|---|---|")
     for mode, fm, emd in variants:
-        mem = mode.startswith("eager") or device.type == "cuda"
-        t_fm, m_fm = measure(lambda f=fm: step(opt, f, student, x0, t, eps), args.repeats, device, mem)
-        t_emd, m_emd = measure(lambda f=emd: step(opt, f, student, teacher, x0, t, s, eps, r), args.repeats, device, mem)
-        print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {t_emd / t_fm:.2f} | "
+        fm_step = lambda f=fm: step(opt, f, student, x0, t, eps)  # noqa: E731
+        emd_step = lambda f=emd: step(opt, f, student, teacher, x0, t, s, eps, r)  # noqa: E731
+        t_fm, t_emd, ratio = measure_pair(fm_step, emd_step, args.repeats, device)
+        m_fm = m_emd = float("nan")
+        if mode.startswith("eager") or device.type == "cuda":
+            m_fm, m_emd = (peak_memory(f, device) for f in (fm_step, emd_step))
+        print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {ratio:.2f} | "
               f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} |")
 
 

@@ -7,7 +7,9 @@ step) and sampling (flow map at 1 and 4 steps), for the digits and Fashion-MNIST
 The EMD step counts the teacher call, the no-grad JVP and the student's forward/backward; the
 teacher is a velocity U-Net of the same size. The FM step trains the same student network at
 s = t (its s branch adds one small embedding MLP to a teacher's cost). Figures are medians of --repeats timed calls after
-3 warm-up calls; compare rows measured in the same run.
+3 warm-up calls; the two training steps are called in turn, and EMD/FM time is the median of the
+ratios of neighbouring calls (robust to a machine whose speed drifts); compare rows measured in the
+same run.
 
 --precision bf16 runs every step under bfloat16 autocast (what Lightning's `precision: bf16-mixed`
 does) with the student's JVP in float32, as the distillation tasks do by default (jvp_float32);
@@ -32,7 +34,7 @@ import os
 from types import SimpleNamespace
 
 import torch
-from cost import emd_loss, fm_loss, measure, step
+from cost import emd_loss, fm_loss, measure, measure_pair, step
 
 from ayf.math.path import interpolate
 from ayf.math.samplers import sample_flow_map
@@ -117,23 +119,22 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
                                                                        precision)
     torch._dynamo.reset()  # a fresh cache per row: shapes carried over from a row before would compile dynamic ones
     fm, emd = (torch.compile(fn, dynamic=False) if compiled else fn for fn in (fm_loss, emd_loss))
-    t_fm, _ = measure(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision), repeats, device,
-                      memory=False)
     jvp32 = precision == "bf16"
-    t_emd, _ = measure(in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r, jvp32, shared), device,
-                                    precision), repeats, device, memory=False)
+    t_fm, t_emd, ratio = measure_pair(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision),
+                                      in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r, jvp32, shared),
+                                                   device, precision), repeats, device)
     student.eval()
     rate = {1: "-", 4: "-"}  # sampling is timed on the plain eager rows only
     with torch.no_grad():
         for k in () if compiled or shared else (1, 4):
             grid = time_grid(k).to(device)
-            took, _ = measure(in_precision(lambda g=grid: sample_flow_map(F_s, eps, g), device, precision),
-                              repeats, device, memory=False)
+            took = measure(in_precision(lambda g=grid: sample_flow_map(F_s, eps, g), device, precision), repeats,
+                           device)
             rate[k] = f"{batch / took:.0f}"
     params = sum(q.numel() for q in student.parameters()) / 1e6
     mode = precision + (" compiled" if compiled else "") + (" shared" if shared else "")
     return (f"| {size} | {params:.2f}M | {batch} | {mode} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | "
-            f"{t_emd / t_fm:.2f} | {rate[1]} | {rate[4]} | "
+            f"{ratio:.2f} | {rate[1]} | {rate[4]} | "
             f"{'-' if error is None else f'{error:.2e}'} |")
 
 
