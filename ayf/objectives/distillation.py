@@ -49,7 +49,7 @@ class DistillationObjective(Objective):
             false runs it under autocast like the rest of the step (faster, less exact).
         shared_primal: the trainable prediction F is the JVP's own primal output (the JVP then
             runs with grad on) instead of a second forward pass: one forward pass fewer per step,
-            the same loss and gradient (MeanFlow-style; ayf/math/tangents.py).
+            the same loss and gradient, more memory (MeanFlow-style; ayf/math/tangents.py).
         mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
             there) get a zero loss instead of making the whole batch's loss NaN; their count is
             the ``masked`` statistic.

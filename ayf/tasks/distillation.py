@@ -42,8 +42,9 @@ class FlowMapDistillation(FlowMapTask):
         jvp_float32: in mixed precision, compute the student's JVP in float32 (default) rather
             than under autocast.
         shared_primal: take the trainable prediction from the JVP's own forward pass instead of
-            a second one (MeanFlow-style): one forward pass fewer per step, the same gradient.
-            See benchmarks/throughput.py --shared_primal.
+            a second one (MeanFlow-style): one forward pass fewer per step, the same gradient, but
+            autograd then records the tangent arithmetic too (more memory; no gain on CPU). See
+            benchmarks/throughput.py --shared_primal.
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
