@@ -95,6 +95,8 @@ CELLS = {
                                [SAMPLER + "proposal", "long_gap", *LR_DECAY]),
     "ema_power_0.05": ("power-function EMA, sigma_rel 0.05 (base: classic EMA 0.999)",
                        [{"EMA": {"decay": None, "sigma_rel": 0.05}}]),
+    "long_gap_ema_power_0.05": ("long_gap proposal and the power-function EMA, sigma_rel 0.05",
+                                [SAMPLER + "proposal", "long_gap", {"EMA": {"decay": None, "sigma_rel": 0.05}}]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 
