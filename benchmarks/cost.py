@@ -5,7 +5,7 @@ batch: wall time and peak memory, as ratios measured in one run.
 
 The EMD step includes the teacher call, the JVP and the student's forward and backward pass; the
 `shared primal` rows take the student's prediction from the JVP's own forward pass instead of a
-second one (`shared_primal: true` on a task). the teacher has the student's architecture (a velocity
+second one (`shared_primal: true` on a task). The teacher has the student's architecture (a velocity
 FlowMap), as in real distillation. Both steps are timed eagerly and with their loss computation
 under torch.compile (what `compile: true` on a task does); each ratio compares like with like.
 Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
