@@ -97,6 +97,11 @@ CELLS = {
                        [{"EMA": {"decay": None, "sigma_rel": 0.05}}]),
     "long_gap_ema_power_0.05": ("long_gap proposal and the power-function EMA, sigma_rel 0.05",
                                 [SAMPLER + "proposal", "long_gap", {"EMA": {"decay": None, "sigma_rel": 0.05}}]),
+    # the student's own two-jump map as the target of a share of the batch (docs/maths.md §12)
+    "semigroup_0.25": ("a quarter of the batch on the two-jump (semigroup) target", ["--model.semigroup", "0.25"]),
+    "semigroup_0.5": ("half of the batch on the two-jump (semigroup) target", ["--model.semigroup", "0.5"]),
+    "long_gap_semigroup_0.25": ("long_gap proposal and a quarter of the batch on the two-jump target",
+                                [SAMPLER + "proposal", "long_gap", "--model.semigroup", "0.25"]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 

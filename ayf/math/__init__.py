@@ -4,7 +4,7 @@ Everything here imports torch only. Time convention (docs/maths.md §1): ``t = 0
 ``t = 1`` is noise, ``x_t = (1 - t) x0 + t eps`` and the velocity is ``E[eps - x0 | x_t]``.
 """
 from ayf.math.analytic import GaussianOracle, MixtureOracle
-from ayf.math.flow_map import apply_flow_map, average_velocity, bcast
+from ayf.math.flow_map import apply_flow_map, average_velocity, bcast, two_jump_velocity
 from ayf.math.frechet import frechet_distance, gaussian_w2, mmd_rbf
 from ayf.math.guidance import guided_velocity
 from ayf.math.losses import (

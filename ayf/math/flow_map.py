@@ -36,3 +36,17 @@ def average_velocity_of_map(flow_map, velocity, x, t, s, tol: float = 1e-12):
     x_s = flow_map(x, t, s)
     F = average_velocity(x, x_s, t, torch.where(off, s, t + 1.0))  # unit gap where s = t
     return torch.where(bcast(off, x), F, velocity(x, t))
+
+
+def two_jump_velocity(F_fn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond=None) -> torch.Tensor:
+    """Average velocity of the jump ``t -> s`` taken as two jumps through the midpoint
+    ``u = (t + s) / 2``: ``x_u = f(x, t, u)``, then ``(F(x, t, u) + F(x_u, u, s)) / 2``
+    (docs/maths.md §12). The exact flow map is a semigroup, ``f(f(x, t, u), u, s) = f(x, t, s)``,
+    so there this equals ``F(x, t, s)``. At ``s = t`` it is ``F(x, t, t)``.
+
+    ``F_fn(x, t, s, cond) -> F``; x ``(B, *D)``; t, s ``(B,)``.
+    """
+    u = (t + s) / 2
+    F_first = F_fn(x, t, u, cond)
+    F_second = F_fn(apply_flow_map(x, t, u, F_first), u, s, cond)
+    return (F_first + F_second) / 2

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ayf.errors import ConfigError
+from ayf.math.flow_map import bcast, two_jump_velocity
 from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
 from ayf.math.path import interpolate
 from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent
@@ -53,6 +54,10 @@ class DistillationObjective(Objective):
         mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
             there) get a zero loss instead of making the whole batch's loss NaN; their count is
             the ``masked`` statistic.
+        semigroup: share of each batch (its first examples) whose target is the student's own
+            two-jump map instead of the tangent: ``F`` is moved towards the average velocity of
+            the jumps ``t -> (t + s) / 2 -> s`` of the frozen student, normalised like the tangent
+            (docs/maths.md §12). 0 (default) is plain AYF. Pairs with ``s = t`` keep the tangent.
     """
 
     #: gamma of the sampler that suits the objective (consistency models re-noise: 1)
@@ -60,8 +65,11 @@ class DistillationObjective(Objective):
 
     def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
                  weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False,
-                 jvp_float32: bool = True, shared_primal: bool = False):
+                 jvp_float32: bool = True, shared_primal: bool = False, semigroup: float = 0.0):
         super().__init__()
+        if not 0.0 <= semigroup <= 1.0:
+            raise ConfigError(f"semigroup is a share of the batch in [0, 1], got {semigroup}")
+        self.semigroup = float(semigroup)
         self.mask_nonfinite, self.jvp_float32, self.shared_primal = mask_nonfinite, jvp_float32, shared_primal
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -122,7 +130,17 @@ class DistillationObjective(Objective):
             g = torch.where(bad.view(-1, *[1] * (g.dim() - 1)), torch.zeros_like(g), g)
             stats["masked"] = bad.sum().to(g.dtype)
         stats["tangent_norm"] = g.flatten(1).norm(dim=1).mean()
-        per = flow_map_loss(F, normalize_tangent(g, self.tangent_norm), t, s, self.weighting)
+        step = normalize_tangent(g, self.tangent_norm)
+        k = round(self.semigroup * x0.shape[0])
+        if k:
+            # the first k examples (as random as any k) regress onto the frozen student's two-jump
+            # map; a fixed count keeps the shapes static for compile
+            with torch.no_grad():
+                gap = two_jump_velocity(net, x_t[:k], t[:k], s[:k], cond[:k]) - F.detach()[:k]
+            stats["semigroup_gap"] = gap.flatten(1).norm(dim=1).mean()
+            off = bcast(t[:k] > s[:k], gap)  # at s = t the two-jump map is F itself: keep the tangent
+            step = torch.cat([torch.where(off, normalize_tangent(gap, self.tangent_norm), step[:k]), step[k:]])
+        per = flow_map_loss(F, step, t, s, self.weighting)
         if self.adaptive is not None:
             per = adaptive_weighted_loss(per, self.adaptive(t, s))
         return per, stats
@@ -153,6 +171,11 @@ class Consistency(EMD):
     (the baseline of docs/maths.md §8). The s = 0 rule lives here alone."""
 
     sample_gamma = 1.0
+
+    def __init__(self, teacher: Teacher, **settings):
+        super().__init__(teacher, **settings)
+        if self.semigroup:
+            raise ConfigError("semigroup targets need jumps to s > 0, which the consistency objective never learns")
 
     def pairs(self, x0):
         t, s = super().pairs(x0)

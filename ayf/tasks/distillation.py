@@ -45,6 +45,9 @@ class FlowMapDistillation(FlowMapTask):
             a second one (MeanFlow-style): one forward pass fewer per step, the same gradient, but
             autograd then records the tangent arithmetic too (more memory; no gain on CPU). See
             benchmarks/throughput.py --shared_primal.
+        semigroup: share of each batch trained on the student's own two-jump map (through the
+            midpoint of t and s) instead of the tangent: a self-consistency target that carries
+            the quality of short jumps to long ones (docs/maths.md §12). 0 (default): plain AYF.
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
@@ -67,6 +70,7 @@ class FlowMapDistillation(FlowMapTask):
         mask_nonfinite: bool = False,
         jvp_float32: bool = True,
         shared_primal: bool = False,
+        semigroup: float = 0.0,
         nonfinite: str = "stop",
         max_skips: int = 10,
         guidance_range: List[float] = (1.0, 3.0),
@@ -81,7 +85,7 @@ class FlowMapDistillation(FlowMapTask):
             net, self._net_config = student_for(teacher)
         self.wire(net, teacher, objective, sample_guidance, time_sampler=time_sampler, tangent_norm=tangent_norm,
                   weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
-                  jvp_float32=jvp_float32, shared_primal=shared_primal)
+                  jvp_float32=jvp_float32, shared_primal=shared_primal, semigroup=semigroup)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
             init_from_teacher = isinstance(teacher_net, FlowMap)

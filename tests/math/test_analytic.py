@@ -1,6 +1,6 @@
 import torch
 
-from ayf.math import GaussianOracle, MixtureOracle
+from ayf.math import GaussianOracle, MixtureOracle, two_jump_velocity
 
 MIX = dict(
     means=[[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]],
@@ -61,3 +61,19 @@ def test_mixture_samples_match_density(gen):
     w = (m.log_prob(y) - q.log_prob(y)).exp()
     neg_entropy_is = (w * m.log_prob(y)).mean() / w.mean()
     assert abs(m.log_prob(x).mean() - neg_entropy_is) < 0.05
+
+
+def test_two_jump_velocity_equals_the_one_jump_on_exact_maps_only(gen):
+    """The exact flow map is a semigroup, so its two jumps through the midpoint average to its
+    one-jump velocity (docs/maths.md §12); an Euler map (F = v for every s) is not."""
+    x = torch.randn(32, 2, generator=gen, dtype=torch.float64)
+    t = 0.2 + 0.8 * torch.rand(32, generator=gen, dtype=torch.float64)
+    s = t * torch.rand(32, generator=gen, dtype=torch.float64) * 0.8
+    for oracle in (GaussianOracle(std=0.5, dim=2), MixtureOracle(**MIX)):
+        exact = oracle.average_velocity(x, t, s)
+        torch.testing.assert_close(two_jump_velocity(oracle.average_velocity, x, t, s), exact, atol=1e-7, rtol=0)
+
+        def euler(x_, t_, s_, cond=None):
+            return oracle.velocity(x_, t_)
+
+        assert (two_jump_velocity(euler, x, t, s) - euler(x, t, s)).norm(dim=1).max() > 1e-2

@@ -3,6 +3,7 @@ the condition (labels, lam) reaches the teacher and the student (docs/maths.md ย
 import pytest
 import torch
 
+from ayf.errors import ConfigError
 from ayf.math.tangents import emd_tangent
 from ayf.nn import MLP, Cond, FlowMap, GuidedTeacher, NetTeacher
 from ayf.objectives import EMD, LMD, Batch, Consistency, State
@@ -124,3 +125,49 @@ def test_shared_primal_gives_the_same_loss_and_gradient_with_one_forward_pass_fe
     for a, b in zip(grads1, grads0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert (calls0, calls1) == (2, 1), (calls0, calls1)
+
+
+def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen):
+    """semigroup: the first share of the batch regresses onto the frozen student's two-jump map
+    through the midpoint, normalised like the tangent (docs/maths.md ยง12); the rest, and pairs
+    with s = t, keep the tangent target; the gradient flows through F only."""
+    teacher, student = nets(gen)
+    c = 0.3
+    x0, eps, t, s = inputs(gen)
+    s[1] = t[1]  # a diagonal pair among the semigroup examples
+    r = torch.tensor(0.7, dtype=torch.float64)
+    objective = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=c, semigroup=0.5).objective
+    assert objective.semigroup == 0.5
+    per, stats = objective.terms(student, x0, Cond(), eps, t, s, r=r)
+    student.zero_grad()
+    per.mean().backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    F = student(x_t, t, s)
+    _, g = objective.tangent(student, x_t, t, s, Cond(), r)
+    with torch.no_grad():
+        u = (t + s) / 2
+        F_tu = student(x_t, t, u)
+        x_u = x_t + (u - t)[:, None] * F_tu
+        gap = (F_tu + student(x_u, u, s)) / 2 - F
+    k = len(t) // 2
+    off = (torch.arange(len(t)) < k) & (t > s)
+    step = torch.where(off[:, None], gap, g)
+    step = step / (step.norm(dim=1, keepdim=True) + c)
+    reference = (F - (F.detach() + step)).pow(2).mean(dim=1)
+    torch.testing.assert_close(per, reference, rtol=1e-10, atol=1e-12)
+    assert (gap[:k][off[:k]] - g[:k][off[:k]]).norm(dim=1).min() > 1e-3, "the two targets must differ to tell them apart"
+    torch.testing.assert_close(stats["semigroup_gap"], gap[:k].norm(dim=1).mean())
+    student.zero_grad()
+    reference.mean().backward()
+    for a, b in zip(grads, [p.grad for p in student.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_semigroup_settings_are_checked(gen):
+    teacher, _ = nets(gen)
+    with pytest.raises(ConfigError, match="share of the batch"):
+        EMD(teacher, semigroup=1.5)
+    with pytest.raises(ConfigError, match="consistency"):
+        Consistency(teacher, semigroup=0.25)
