@@ -102,6 +102,10 @@ CELLS = {
     "semigroup_0.5": ("half of the batch on the two-jump (semigroup) target", ["--model.semigroup", "0.5"]),
     "long_gap_semigroup_0.25": ("long_gap proposal and a quarter of the batch on the two-jump target",
                                 [SAMPLER + "proposal", "long_gap", "--model.semigroup", "0.25"]),
+    "semigroup_longest_0.25": ("the longest quarter of each batch's jumps on the two-jump target",
+                               ["--model.semigroup", "0.25", "--model.semigroup_pick", "longest"]),
+    "semigroup_longest_0.5": ("the longest half of each batch's jumps on the two-jump target",
+                              ["--model.semigroup", "0.5", "--model.semigroup_pick", "longest"]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 

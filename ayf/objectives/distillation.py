@@ -19,6 +19,10 @@ from ayf.nn.teachers import Teacher
 from ayf.objectives.base import Batch, Objective
 
 
+#: which examples of a batch take the two-jump target (DistillationObjective's semigroup_pick)
+SEMIGROUP_PICKS = ("random", "longest")
+
+
 class AdaptiveWeight(nn.Module):
     """``w_psi(t, s)``: a small MLP on Fourier features of t and s (sCM-style weighting)."""
 
@@ -54,10 +58,12 @@ class DistillationObjective(Objective):
         mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
             there) get a zero loss instead of making the whole batch's loss NaN; their count is
             the ``masked`` statistic.
-        semigroup: share of each batch (its first examples) whose target is the student's own
-            two-jump map instead of the tangent: ``F`` is moved towards the average velocity of
-            the jumps ``t -> (t + s) / 2 -> s`` of the frozen student, normalised like the tangent
+        semigroup: share of each batch whose target is the student's own two-jump map instead
+            of the tangent: ``F`` is moved towards the average velocity of the jumps
+            ``t -> (t + s) / 2 -> s`` of the frozen student, normalised like the tangent
             (docs/maths.md §12). 0 (default) is plain AYF. Pairs with ``s = t`` keep the tangent.
+        semigroup_pick: which examples take it: ``random`` (the first of the batch, whose order
+            is random) or ``longest`` (the longest jumps ``t - s`` of the batch).
     """
 
     #: gamma of the sampler that suits the objective (consistency models re-noise: 1)
@@ -65,11 +71,14 @@ class DistillationObjective(Objective):
 
     def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
                  weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False,
-                 jvp_float32: bool = True, shared_primal: bool = False, semigroup: float = 0.0):
+                 jvp_float32: bool = True, shared_primal: bool = False, semigroup: float = 0.0,
+                 semigroup_pick: str = "random"):
         super().__init__()
         if not 0.0 <= semigroup <= 1.0:
             raise ConfigError(f"semigroup is a share of the batch in [0, 1], got {semigroup}")
-        self.semigroup = float(semigroup)
+        if semigroup_pick not in SEMIGROUP_PICKS:
+            raise ConfigError(f"unknown semigroup_pick {semigroup_pick!r}; choose one of {', '.join(SEMIGROUP_PICKS)}")
+        self.semigroup, self.semigroup_pick = float(semigroup), semigroup_pick
         self.mask_nonfinite, self.jvp_float32, self.shared_primal = mask_nonfinite, jvp_float32, shared_primal
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
@@ -133,13 +142,14 @@ class DistillationObjective(Objective):
         step = normalize_tangent(g, self.tangent_norm)
         k = round(self.semigroup * x0.shape[0])
         if k:
-            # the first k examples (as random as any k) regress onto the frozen student's two-jump
-            # map; a fixed count keeps the shapes static for compile
+            # k examples regress onto the frozen student's two-jump map; a fixed count keeps the
+            # shapes static for compile
+            pick = torch.topk(t - s, k).indices if self.semigroup_pick == "longest" else torch.arange(k, device=t.device)
             with torch.no_grad():
-                gap = two_jump_velocity(net, x_t[:k], t[:k], s[:k], cond[:k]) - F.detach()[:k]
+                gap = two_jump_velocity(net, x_t[pick], t[pick], s[pick], cond[pick]) - F.detach()[pick]
             stats["semigroup_gap"] = gap.flatten(1).norm(dim=1).mean()
-            off = bcast(t[:k] > s[:k], gap)  # at s = t the two-jump map is F itself: keep the tangent
-            step = torch.cat([torch.where(off, normalize_tangent(gap, self.tangent_norm), step[:k]), step[k:]])
+            off = bcast(t[pick] > s[pick], gap)  # at s = t the two-jump map is F itself: keep the tangent
+            step = step.index_copy(0, pick, torch.where(off, normalize_tangent(gap, self.tangent_norm), step[pick]))
         per = flow_map_loss(F, step, t, s, self.weighting)
         if self.adaptive is not None:
             per = adaptive_weighted_loss(per, self.adaptive(t, s))

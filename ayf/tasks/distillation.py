@@ -48,6 +48,8 @@ class FlowMapDistillation(FlowMapTask):
         semigroup: share of each batch trained on the student's own two-jump map (through the
             midpoint of t and s) instead of the tangent: a self-consistency target that carries
             the quality of short jumps to long ones (docs/maths.md §12). 0 (default): plain AYF.
+        semigroup_pick: which examples take it: ``random`` (default) or ``longest`` (the longest
+            jumps of each batch).
         nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
             is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
         max_skips: with ``skip``, stop after this many non-finite steps in a row.
@@ -71,6 +73,7 @@ class FlowMapDistillation(FlowMapTask):
         jvp_float32: bool = True,
         shared_primal: bool = False,
         semigroup: float = 0.0,
+        semigroup_pick: str = "random",
         nonfinite: str = "stop",
         max_skips: int = 10,
         guidance_range: List[float] = (1.0, 3.0),
@@ -85,7 +88,7 @@ class FlowMapDistillation(FlowMapTask):
             net, self._net_config = student_for(teacher)
         self.wire(net, teacher, objective, sample_guidance, time_sampler=time_sampler, tangent_norm=tangent_norm,
                   weighting=weighting, guidance_range=guidance_range, mask_nonfinite=mask_nonfinite,
-                  jvp_float32=jvp_float32, shared_primal=shared_primal, semigroup=semigroup)
+                  jvp_float32=jvp_float32, shared_primal=shared_primal, semigroup=semigroup, semigroup_pick=semigroup_pick)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
             init_from_teacher = isinstance(teacher_net, FlowMap)

@@ -127,17 +127,26 @@ def test_shared_primal_gives_the_same_loss_and_gradient_with_one_forward_pass_fe
     assert (calls0, calls1) == (2, 1), (calls0, calls1)
 
 
-def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen):
-    """semigroup: the first share of the batch regresses onto the frozen student's two-jump map
-    through the midpoint, normalised like the tangent (docs/maths.md §12); the rest, and pairs
-    with s = t, keep the tangent target; the gradient flows through F only."""
+@pytest.mark.parametrize("pick", ["random", "longest"])
+def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen, pick):
+    """semigroup: a share of the batch (its first examples, or its longest jumps) regresses onto
+    the frozen student's two-jump map through the midpoint, normalised like the tangent
+    (docs/maths.md §12); the rest, and pairs with s = t, keep the tangent target; the gradient
+    flows through F only."""
     teacher, student = nets(gen)
     c = 0.3
     x0, eps, t, s = inputs(gen)
-    s[1] = t[1]  # a diagonal pair among the semigroup examples
+    k = len(t) // 2
+    if pick == "random":
+        chosen = torch.arange(len(t)) < k
+        s[1] = t[1]  # a diagonal pair among the semigroup examples
+    else:
+        chosen = torch.zeros(len(t), dtype=torch.bool)
+        chosen[torch.topk(t - s, k).indices] = True
     r = torch.tensor(0.7, dtype=torch.float64)
-    objective = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=c, semigroup=0.5).objective
-    assert objective.semigroup == 0.5
+    objective = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=c, semigroup=0.5,
+                                    semigroup_pick=pick).objective
+    assert (objective.semigroup, objective.semigroup_pick) == (0.5, pick)
     per, stats = objective.terms(student, x0, Cond(), eps, t, s, r=r)
     student.zero_grad()
     per.mean().backward()
@@ -151,14 +160,13 @@ def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen):
         F_tu = student(x_t, t, u)
         x_u = x_t + (u - t)[:, None] * F_tu
         gap = (F_tu + student(x_u, u, s)) / 2 - F
-    k = len(t) // 2
-    off = (torch.arange(len(t)) < k) & (t > s)
+    off = chosen & (t > s)
     step = torch.where(off[:, None], gap, g)
     step = step / (step.norm(dim=1, keepdim=True) + c)
     reference = (F - (F.detach() + step)).pow(2).mean(dim=1)
     torch.testing.assert_close(per, reference, rtol=1e-10, atol=1e-12)
-    assert (gap[:k][off[:k]] - g[:k][off[:k]]).norm(dim=1).min() > 1e-3, "the two targets must differ to tell them apart"
-    torch.testing.assert_close(stats["semigroup_gap"], gap[:k].norm(dim=1).mean())
+    assert (gap[off] - g[off]).norm(dim=1).min() > 1e-3, "the two targets must differ to tell them apart"
+    torch.testing.assert_close(stats["semigroup_gap"], gap[chosen].norm(dim=1).mean())
     student.zero_grad()
     reference.mean().backward()
     for a, b in zip(grads, [p.grad for p in student.parameters()], strict=True):
@@ -171,3 +179,5 @@ def test_semigroup_settings_are_checked(gen):
         EMD(teacher, semigroup=1.5)
     with pytest.raises(ConfigError, match="consistency"):
         Consistency(teacher, semigroup=0.25)
+    with pytest.raises(ConfigError, match="semigroup_pick"):
+        EMD(teacher, semigroup=0.25, semigroup_pick="shortest")
