@@ -2,6 +2,7 @@
 batch: wall time and peak memory, as ratios measured in one run.
 
     python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30] [--no_compile]
+    python benchmarks/cost.py --semigroup 0.25        # + the two-jump target's cost (eager)
 
 The EMD step includes the teacher call, the JVP and the student's forward and backward pass; the
 `shared primal` rows take the student's prediction from the JVP's own forward pass instead of a
@@ -10,6 +11,10 @@ FlowMap), as in real distillation. Both steps are timed eagerly and with their l
 under torch.compile (what `compile: true` on a task does); each ratio compares like with like.
 Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
 the bytes autograd saves for the backward pass.
+
+With --semigroup P, a second table times the distillation objective's own EMD step (ayf.objectives.EMD)
+with and without P of each batch on the two-jump target (its longest jumps, docs/maths.md §12),
+side by side, eagerly.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from ayf.math.losses import flow_map_loss, flow_matching_loss
 from ayf.math.path import interpolate, velocity_target
 from ayf.math.tangents import emd_tangent, normalize_tangent
 from ayf.math.times import TimePairSampler
-from ayf.nn import MLP, FlowMap
+from ayf.nn import MLP, Cond, FlowMap, NetTeacher
+from ayf.objectives import EMD
 
 
 class SavedBytes:
@@ -127,6 +133,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--no_compile", action="store_true", help="time the eager steps only")
+    p.add_argument("--semigroup", type=float, default=0.0, help="also time the EMD objective with this share of "
+                   "each batch on the two-jump target (its longest jumps) against the plain one")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -157,6 +165,25 @@ def main():
             m_fm, m_emd = (peak_memory(f, device) for f in (fm_step, emd_step))
         print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {ratio:.2f} | "
               f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} |")
+
+    if args.semigroup:
+        semigroup_table(student, teacher, opt, x0, t, s, eps, r, args)
+
+
+def semigroup_table(student, teacher, opt, x0, t, s, eps, r, args):
+    """The objective's EMD step, plain and with ``args.semigroup`` of the batch on the two-jump target."""
+    plain, two_jump = (EMD(NetTeacher(teacher), semigroup=p, semigroup_pick="longest") for p in (0.0, args.semigroup))
+    device = x0.device
+
+    def objective_step(objective):
+        return step(opt, lambda: objective.terms(student, x0, Cond(), eps, t, s, r=r)[0].mean())
+
+    t_plain, t_two, ratio = measure_pair(lambda: objective_step(plain), lambda: objective_step(two_jump),
+                                         args.repeats, device)
+    print()
+    print(f"| EMD step (ms) | with semigroup {args.semigroup:g}, longest (ms) | time ratio |")
+    print("|---|---|---|")
+    print(f"| {1e3 * t_plain:.2f} | {1e3 * t_two:.2f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
