@@ -143,7 +143,7 @@ def mixture_config(name, out):
     with open(MIXTURES["shipped"]) as fh:
         cfg = yaml.safe_load(fh)
     cfg["init_args"]["mixture"] = spec
-    cfg["init_args"].pop("classes", None)
+    cfg["init_args"]["classes"] = None  # null, not absent: `--data` merges into the config's data.yaml
     path = os.path.join(out, "data.yaml")
     with open(path, "w") as fh:
         yaml.safe_dump(cfg, fh)
