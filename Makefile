@@ -71,7 +71,7 @@ bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log
 bench-adversarial: digits-data  ## digits: 1/2/4/8-step FD and recall before and after adversarial finetuning (CPU)
 	$(BIN)/python benchmarks/images.py --dataset digits --adversarial
 
-bench-ablation: install  ## toy mixture: one distillation choice at a time, 1/2/4/8-step exact-map distance (CPU, about 3 hours)
+bench-ablation: install  ## toy mixture: one distillation choice at a time, 1/2/4/8-step exact-map distance (CPU, about 5 hours)
 	$(BIN)/python benchmarks/ablation.py
 
 clean:  ## remove run outputs (keeps .venv)
