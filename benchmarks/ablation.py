@@ -2,9 +2,9 @@
 
 Every cell distils the same learned teacher with `ayf fit --config configs/toy/distill_emd.yaml` for
 the same number of steps, with one choice changed from the base cell, plain AYF-EMD (CLI overrides,
-listed in CELLS, after PLAIN). From one fixed noise file it scores the 1/2/4/8-step samples against the exact PF-ODE map
-of the mixture: median and RMS distance, and the mean true log-density. Each cell runs with
-several seeds; the table gives the mean and the spread (half the range) over seeds.
+listed in CELLS, after PLAIN). From one fixed noise file it scores the 1/2/4/8-step samples against
+the exact PF-ODE map of the mixture: median and RMS distance, and the mean true log-density. Each
+cell runs with several seeds; the table gives the mean and the spread (half the range) over seeds.
 
     python benchmarks/ablation.py                              # every cell, seeds 0 and 1
     python benchmarks/ablation.py --cells base,lr_1e-3 --seeds 0,1,2

@@ -18,7 +18,6 @@ from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import Teacher
 from ayf.objectives.base import Batch, Objective
 
-
 #: which examples of a batch take the two-jump target (DistillationObjective's semigroup_pick)
 SEMIGROUP_PICKS = ("random", "longest")
 

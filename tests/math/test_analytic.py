@@ -73,7 +73,7 @@ def test_two_jump_velocity_equals_the_one_jump_on_exact_maps_only(gen):
         exact = oracle.average_velocity(x, t, s)
         torch.testing.assert_close(two_jump_velocity(oracle.average_velocity, x, t, s), exact, atol=1e-7, rtol=0)
 
-        def euler(x_, t_, s_, cond=None):
+        def euler(x_, t_, s_, cond=None, oracle=oracle):
             return oracle.velocity(x_, t_)
 
         assert (two_jump_velocity(euler, x, t, s) - euler(x, t, s)).norm(dim=1).max() > 1e-2
