@@ -1,25 +1,28 @@
-"""The checkpoint layer: an ``ayf fit`` checkpoint -> a network, a teacher or a student's net.
+"""The checkpoint record: what ``ayf fit`` (and ``ayf convert``) write beside Lightning's state,
+and the networks and teachers rebuilt from it.
 
-The one place that knows the task kinds a checkpoint can hold (by name) and the layout of the
-``ayf`` record that the tasks write next to Lightning's state. Checkpoints of an older layout are
-upgraded in memory when read; ``ayf upgrade OLD NEW`` writes the upgraded file (what
-``ayf fit/test --ckpt_path`` needs).
+The record (``checkpoint["ayf"]``) is written by :func:`make_record` and read by
+:func:`read_checkpoint`, which upgrades the layouts of older ayf versions in memory (``ayf
+upgrade OLD NEW`` writes the upgraded file, which ``ayf fit/test --ckpt_path`` needs). The
+sampling settings of a model are derived from its record by :func:`sampling_defaults` alone.
+This is the one module that knows the task kinds (by name).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 from typing import Optional
 
-import torch
+from torch import nn
 
 from ayf.errors import CheckpointError, ConfigError
+from ayf.io import load_torch
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import NetTeacher
 
-#: layout of the ``ayf`` record: 2 since FlowMap's ``guidance_input`` and the tasks' objectives
-FORMAT = 2
+#: layout of the record: 2 since FlowMap's ``guidance_input``; 3 since objectives are objects
+#: (``objective: {class_path, init_args}``) and the record holds the sampling settings
+FORMAT = 3
 #: the kind of a teacher converted from another codebase by ``ayf convert``
 CONVERTED_KIND = "Converted"
 #: task kinds whose checkpoints hold a velocity model (a teacher)
@@ -30,43 +33,121 @@ FLOW_MAP_KINDS = ("FlowMapDistillation", "AdversarialFinetuning")
 EMA_STATE_KEY = "EMA"
 
 
-def load_ayf_file(path: str, what: str, accept, writer: str, weights_only: bool = False, hint: str = None):
-    """``torch.load`` on CPU of a file that ``writer`` wrote; a missing, unreadable or foreign
-    file (``accept(obj)`` false) is a one-line CheckpointError. ``hint``: what a missing file's
-    message tells the user to do (default: write one with ``writer``)."""
+# --- the record ----------------------------------------------------------------------------------
+def make_record(kind: str, net: Optional[dict], data_shape, solver: str, gamma: float = 0.0,
+                guidance: Optional[float] = None, **extra) -> dict:
+    """The ``ayf`` record of a checkpoint: the task ``kind``, the network's ``class_path`` /
+    ``init_args`` config, the data shape, the sampling settings the model was validated with
+    (``solver``, ``gamma``, guidance scale) and ``extra`` plain data (``label_dropout`` of a
+    teacher, a realignment report, a conversion's source)."""
+    return {"format": FORMAT, "kind": kind, "net": net, "data_shape": [int(d) for d in data_shape],
+            "sampling": {"solver": solver, "gamma": float(gamma), "guidance": guidance}, **extra}
+
+
+def sampling_defaults(record: dict, solver: Optional[str] = None, gamma: Optional[float] = None,
+                      guidance: Optional[float] = None) -> dict:
+    """``{"solver", "gamma", "guidance"}``: the record's sampling settings, each replaced by the
+    argument given (None keeps the record's). The one place that turns a model's record and a
+    user's choices into sampling settings (``ayf sample``, ``ayf test``, the callbacks)."""
+    saved = record.get("sampling") or {}
+    out = {"solver": solver or saved.get("solver", "flow_map"),
+           "gamma": float(saved.get("gamma", 0.0) if gamma is None else gamma),
+           "guidance": saved.get("guidance") if guidance is None else guidance}
+    if not 0.0 <= out["gamma"] <= 1.0:
+        raise ConfigError(f"gamma must lie in [0, 1], got {out['gamma']}")
+    return out
+
+
+def read_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = None) -> dict:
+    """A checkpoint written by ``ayf fit`` or ``ayf convert``, on the CPU, in the current layout
+    (tensors and plain data only; ``what``/``hint``: how errors name the file and what a missing
+    one's message says to do)."""
+    ckpt = load_torch(path, what, lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", hint=hint)
+    return upgrade(ckpt)
+
+
+def refuse_old_layout(path: str) -> None:
+    """A one-line CheckpointError when ``path`` is an ayf checkpoint of an older layout, which
+    ``ayf fit/test --ckpt_path`` cannot resume; it names the command that converts it."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{what} not found: {path} ({hint or f'write one with `{writer}`'})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
-    if not accept(obj):
-        raise CheckpointError(f"{path} is not an ayf {what} (written by `{writer}`)")
-    return obj
+        return
+    ckpt = load_torch(path, "checkpoint")
+    if isinstance(ckpt, dict) and "ayf" in ckpt and not is_current(ckpt):
+        stem, ext = os.path.splitext(path)
+        raise CheckpointError(f"{path} was written by an older ayf; convert it with "
+                              f"`ayf upgrade {path} {stem}.v{FORMAT}{ext}` and pass that file")
 
 
-# --- older layouts ----------------------------------------------------------------------------
+# --- older layouts -------------------------------------------------------------------------------
 _RENAMED_CLASSES = {"ayf.nn.CheckpointTeacher": "ayf.checkpoints.CheckpointTeacher"}
 _RENAMED_STATE = {"adaptive.": "objective.adaptive."}
+_OBJECTIVES = {"emd": "ayf.objectives.EMD", "lmd": "ayf.objectives.LMD", "consistency": "ayf.objectives.Consistency"}
+#: format-2 task arguments that became the distillation objective's (``compile`` too, for flow maps)
+_OBJECTIVE_ARGS = ("weighting", "tangent_norm", "time_sampler", "guidance_range", "semigroup", "jvp_float32", "compile")
+#: format-2 arguments that are gone (ayf/objectives, benchmarks/ablation.py)
+_DROPPED_ARGS = ("mask_nonfinite", "shared_primal", "semigroup_pick", "net", "init_weights", "distilled_ckpt",
+                 "lambda_adv", "r1_gamma", "fake_steps", "fake_steps_schedule", "nonfinite", "max_skips")
 
 
-def _upgrade_config(node):
+def _upgrade_config_1(node):
     """Format 1 -> 2 of a config tree: FlowMap's ``guidance`` is ``guidance_input``; classes moved;
     TimePairSampler lost ``s_zero_only`` (the consistency objective owns its s = 0 rule)."""
     if isinstance(node, list):
-        return [_upgrade_config(v) for v in node]
+        return [_upgrade_config_1(v) for v in node]
     if not isinstance(node, dict):
         return node
-    node = {k: _upgrade_config(v) for k, v in node.items()}
+    node = {k: _upgrade_config_1(v) for k, v in node.items()}
     if node.get("class_path") in _RENAMED_CLASSES:
         node["class_path"] = _RENAMED_CLASSES[node["class_path"]]
-    if node.get("class_path") == "ayf.nn.FlowMap" and isinstance(node.get("init_args"), dict):
-        args = node["init_args"]
-        if "guidance" in args:
-            args["guidance_input"] = args.pop("guidance")
-    if node.get("class_path") == "ayf.math.TimePairSampler" and isinstance(node.get("init_args"), dict):
-        node["init_args"].pop("s_zero_only", None)
+    args = node.get("init_args") if isinstance(node.get("init_args"), dict) else {}
+    if node.get("class_path") == "ayf.nn.FlowMap" and "guidance" in args:
+        args["guidance_input"] = args.pop("guidance")
+    if node.get("class_path") == "ayf.math.TimePairSampler":
+        args.pop("s_zero_only", None)
     return node
+
+
+def _renamed_key(key: str) -> str:
+    for old, new in _RENAMED_STATE.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _upgrade_sampler(config):
+    """TimePairSampler lost its proposals other than the default (uniform s) in format 3."""
+    if isinstance(config, dict) and isinstance(config.get("init_args"), dict):
+        args = config["init_args"]
+        if args.get("proposal", "uniform_s") == "uniform_s":
+            for key in ("proposal", "gap_mean", "gap_std", "p_long"):
+                args.pop(key, None)
+    return config
+
+
+def _upgrade_hparams_2(hp: dict, kind: str) -> dict:
+    """Format 2 -> 3 of a task's hyperparameters: the objective string and its flattened settings
+    become an ``objective`` config (with no tangent warm-up: a format-2 task without the warm-up
+    callback kept r = 0.99, as ``ayf test`` always did); the adversarial task's checkpoint, GAN
+    settings and student become ``student`` and ``adversary`` configs; ``nonfinite`` and
+    ``max_skips`` become ``skip_nonfinite``."""
+    hp = dict(hp)
+    skip = int(hp.get("max_skips", 10)) if hp.get("nonfinite") == "skip" else 0
+    if kind in FLOW_MAP_KINDS:
+        args = {k: hp.pop(k) for k in _OBJECTIVE_ARGS if k in hp}
+        if "time_sampler" in args:
+            args["time_sampler"] = _upgrade_sampler(args["time_sampler"])
+        name = hp.get("objective") or "emd"
+        hp["objective"] = {"class_path": _OBJECTIVES.get(name, name), "init_args": {**args, "warmup": 0}}
+    if kind == "AdversarialFinetuning":
+        hp["student"] = {"class_path": "ayf.checkpoints.CheckpointFlowMap",
+                         "init_args": {"ckpt_path": hp.get("distilled_ckpt"), "weights": hp.get("init_weights", "ema")}}
+        hp["adversary"] = {"class_path": "ayf.objectives.RpGAN", "init_args": {
+            k: hp[k] for k in ("lambda_adv", "r1_gamma", "fake_steps", "fake_steps_schedule") if k in hp}}
+    for key in _DROPPED_ARGS:
+        if not (key == "net" and kind != "AdversarialFinetuning"):
+            hp.pop(key, None)
+    hp["skip_nonfinite"] = skip
+    return hp
 
 
 def is_current(ckpt: dict) -> bool:
@@ -77,110 +158,37 @@ def upgrade(ckpt: dict) -> dict:
     """A checkpoint of an older layout in the current one (a copy; current ones are returned as they are)."""
     if is_current(ckpt):
         return ckpt
-    ckpt = copy.copy(ckpt)
-    ckpt["ayf"] = _upgrade_config(dict(ckpt["ayf"]))
-    ckpt["ayf"]["format"] = FORMAT
-    if isinstance(ckpt.get("hyper_parameters"), dict):
-        ckpt["hyper_parameters"] = _upgrade_config(ckpt["hyper_parameters"])
-    state = {}
-    for key, value in ckpt.get("state_dict", {}).items():
-        for old, new in _RENAMED_STATE.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-        state[key] = value
-    ckpt["state_dict"] = state
+    ckpt, record = copy.copy(ckpt), dict(ckpt["ayf"])
+    version = record.get("format", 1)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt.get("hyper_parameters"), dict) else None
+    if version < 2:
+        record, hp = _upgrade_config_1(record), _upgrade_config_1(hp)
+        ckpt["state_dict"] = {_renamed_key(key): value for key, value in ckpt.get("state_dict", {}).items()}
+    kind = record.get("kind")
+    objective = record.pop("objective", None)
+    record = make_record(kind, record.get("net"), record.get("data_shape") or [],
+                         solver="flow_map" if kind in FLOW_MAP_KINDS else "euler",
+                         gamma=1.0 if objective == "consistency" else 0.0, guidance=record.pop("sample_guidance", None),
+                         **{k: v for k, v in record.items() if k not in ("format", "kind", "net", "data_shape")})
+    ckpt["ayf"] = record
+    if hp is not None:
+        ckpt["hyper_parameters"] = _upgrade_hparams_2(hp, kind)
     return ckpt
 
 
-def rng_state() -> dict:
-    """This process's RNG states (torch, CUDA, numpy, python) as plain data (tensors, ints), so a
-    checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, words, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": int(version), "words": list(words), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    """Restores :func:`rng_state`'s states (CUDA only where as many devices are visible)."""
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["words"]), p["gauss"]))
-
-
-def atomic_write(path: str, write) -> None:
-    """Calls ``write(fh)`` on a temporary file beside ``path``, then renames it to ``path``
-    (fsync'd, one ``os.replace`` on the same file system): a reader or a kill at any moment sees
-    the old file or the new one, never a part of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem = f".{os.path.basename(path)}.tmp"
-    tmp = os.path.join(folder, f"{stem}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    for stale in os.listdir(folder):  # the temporary files of writers killed before their rename
-        if stale.startswith(stem):
-            os.remove(os.path.join(folder, stale))
-    try:  # the rename itself survives a power cut once the folder is synced
-        fd = os.open(folder, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def read_checkpoint(path: str, what: str = "checkpoint", hint: str = None) -> dict:
-    """Loads a checkpoint written by ``ayf fit`` on CPU, in the current layout
-    (``what``/``hint``: see :func:`load_ayf_file`)."""
-    ckpt = load_ayf_file(path, what, lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", hint=hint)
-    return upgrade(ckpt)
-
-
-def refuse_old_layout(path: str) -> None:
-    """A one-line CheckpointError when ``path`` is an ayf checkpoint of an older layout, which
-    ``ayf fit/test --ckpt_path`` cannot resume; it names the command that converts it."""
-    if not os.path.isfile(path):
-        return
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and "ayf" in ckpt and not is_current(ckpt):
-        stem, ext = os.path.splitext(path)
-        raise CheckpointError(f"{path} was written by an older ayf; convert it with "
-                              f"`ayf upgrade {path} {stem}.v{FORMAT}{ext}` and pass that file")
-
-
-# --- networks ---------------------------------------------------------------------------------
-def build_network(config: dict) -> FlowMap:
-    """Instantiates a FlowMap from its ``class_path``/``init_args`` config."""
+# --- networks ------------------------------------------------------------------------------------
+def build_object(config: dict, base):
+    """Instantiates a ``class_path``/``init_args`` config of a subclass of ``base``."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=FlowMap)
-    cfg = parser.parse_object({"net": config})
-    return parser.instantiate_classes(cfg).net
+    parser.add_argument("--obj", type=base)
+    return parser.instantiate_classes(parser.parse_object({"obj": config})).obj
+
+
+def build_network(config: dict) -> FlowMap:
+    """Instantiates a FlowMap from its ``class_path``/``init_args`` config."""
+    return build_object(config, FlowMap)
 
 
 def ema_weights(ckpt: dict):
@@ -191,34 +199,39 @@ def ema_weights(ckpt: dict):
     return None
 
 
-def load_network(path: str, use_ema: bool = True, kinds=None, what: str = "checkpoint", hint: str = None):
-    """Returns ``(net, meta)`` for a checkpoint, net in eval mode.
-
-    kinds: accepted task names (e.g. :data:`TEACHER_KINDS`); others raise CheckpointError.
-    what, hint: how errors name the file, and what a missing one's message says to do.
-    """
-    return network_from_checkpoint(read_checkpoint(path, what, hint), path, use_ema, kinds)
-
-
-def network_from_checkpoint(ckpt: dict, path: str, use_ema: bool = True, kinds=None):
-    """:func:`load_network` on a checkpoint already read by :func:`read_checkpoint`."""
-    meta = ckpt["ayf"]
-    if kinds is not None and meta.get("kind") not in kinds:
-        raise CheckpointError(
-            f"{path} is a {meta.get('kind')} checkpoint, but this needs {' or '.join(kinds)}"
-        )
-    if not isinstance(meta.get("net"), dict):
-        raise CheckpointError(f"{path} does not record its network config; was it written by `ayf fit`?")
-    net = build_network(meta["net"])
+def network_weights(ckpt: dict, use_ema: bool = True) -> dict:
+    """The network's state dict in a checkpoint: its EMA (when asked and saved) or the trained weights."""
     state = ema_weights(ckpt) if use_ema else None
     if state is None:
-        prefix = "net."
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    return state
+
+
+def checked_record(ckpt: dict, path: str, kinds=None) -> dict:
+    """The record of a read checkpoint, checked to be of one of ``kinds`` and to name its network."""
+    record = ckpt["ayf"]
+    if kinds is not None and record.get("kind") not in kinds:
+        raise CheckpointError(f"{path} is a {record.get('kind')} checkpoint, but this needs {' or '.join(kinds)}")
+    if not isinstance(record.get("net"), dict):
+        raise CheckpointError(f"{path} does not record its network config; was it written by `ayf fit`?")
+    return record
+
+
+def load_weights(net, state: dict, path: str) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the recorded network: {str(err).splitlines()[0]}") from None
-    return net.eval(), meta
+
+
+def load_network(path: str, use_ema: bool = True, kinds=None, what: str = "checkpoint", hint: str = None):
+    """``(net in eval mode, record)`` of a checkpoint. kinds: accepted task names (e.g.
+    :data:`TEACHER_KINDS`); what, hint: how errors name the file, and what a missing one's message says."""
+    ckpt = read_checkpoint(path, what, hint)
+    record = checked_record(ckpt, path, kinds)
+    net = build_network(record["net"])
+    load_weights(net, network_weights(ckpt, use_ema), path)
+    return net.eval(), record
 
 
 def student_config(teacher_config: dict, guidance_input: bool = False) -> dict:
@@ -231,21 +244,48 @@ def student_config(teacher_config: dict, guidance_input: bool = False) -> dict:
     return config
 
 
-# --- teachers ---------------------------------------------------------------------------------
-class CheckpointTeacher(NetTeacher):
-    """A velocity network loaded from a ``FlowMatching`` checkpoint written by ``ayf fit``.
+class CheckpointFlowMap(FlowMap):
+    """A distilled flow map rebuilt from its checkpoint (``FlowMapDistillation`` or an earlier
+    ``AdversarialFinetuning`` run): the recorded architecture with the saved weights. The
+    checkpoint's EMA is kept as :attr:`initial_ema`, which the EMA callback continues.
 
     Args:
-        ckpt_path: path of the FlowMatching checkpoint.
+        ckpt_path: the flow map's checkpoint.
+        weights: start from its ``ema`` weights (default) or its ``raw`` trained weights.
+    """
+
+    def __init__(self, ckpt_path: str, weights: str = "ema"):
+        if weights not in ("ema", "raw"):
+            raise ConfigError(f"unknown weights {weights!r}; choose ema or raw")
+        ckpt = read_checkpoint(ckpt_path, "flow-map checkpoint",
+                               hint="distil one with `ayf fit`, or pass its path as --model.student.init_args.ckpt_path")
+        record = checked_record(ckpt, ckpt_path, FLOW_MAP_KINDS)
+        config = record["net"]
+        if config.get("class_path") != "ayf.nn.FlowMap":
+            raise CheckpointError(f"{ckpt_path} records a {config.get('class_path')} network, not an ayf.nn.FlowMap")
+        args = dict(config.get("init_args", {}))
+        super().__init__(build_object(args.pop("backbone"), nn.Module), **args)
+        load_weights(self, network_weights(ckpt, weights == "ema"), ckpt_path)
+        self.net_config, self.ckpt_path = config, ckpt_path
+        self.initial_ema = ema_weights(ckpt)
+
+
+# --- teachers ------------------------------------------------------------------------------------
+class CheckpointTeacher(NetTeacher):
+    """A velocity network loaded from a teacher checkpoint (``FlowMatching``, ``Realignment``, or
+    ``ayf convert``).
+
+    Args:
+        ckpt_path: path of the teacher checkpoint.
         use_ema: use the EMA weights saved in the checkpoint when it has them.
     """
 
     def __init__(self, ckpt_path: str, use_ema: bool = True):
-        net, meta = load_network(ckpt_path, use_ema=use_ema, kinds=TEACHER_KINDS, what="teacher checkpoint",
-                                 hint="train a teacher with `ayf fit`, or pass its path, e.g. "
-                                 "--model.teacher.init_args.ckpt_path PATH")
-        super().__init__(net, unconditional=bool(meta.get("label_dropout")))
-        self.net_config = meta["net"]
+        net, record = load_network(ckpt_path, use_ema=use_ema, kinds=TEACHER_KINDS, what="teacher checkpoint",
+                                   hint="train a teacher with `ayf fit`, or pass its path, e.g. "
+                                   "--model.teacher.init_args.ckpt_path PATH")
+        super().__init__(net, unconditional=bool(record.get("label_dropout")))
+        self.net_config = record["net"]
         self.ckpt_path = ckpt_path
 
 
@@ -253,23 +293,3 @@ def teacher_net_config(teacher) -> Optional[dict]:
     """The recorded net config of a (possibly guided) checkpoint teacher, or None."""
     strong = getattr(teacher, "teacher", teacher)
     return getattr(strong, "net_config", None)
-
-
-# --- ayf upgrade ------------------------------------------------------------------------------
-def main(argv) -> int:
-    """``ayf upgrade OLD NEW``: writes a checkpoint of an older ayf in the current layout."""
-    p = argparse.ArgumentParser(prog="ayf upgrade", description="Convert a checkpoint written by an older ayf to the "
-                                "current layout (the original file is left as it is).")
-    p.add_argument("old", help="checkpoint written by an older `ayf fit`")
-    p.add_argument("new", help="where to write the converted checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = p.parse_args(argv)
-    if os.path.exists(args.new) and not args.overwrite:
-        raise ConfigError(f"{args.new} exists; pass --overwrite to replace it")
-    ckpt = load_ayf_file(args.old, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit")
-    if is_current(ckpt):
-        print(f"{args.old} is already in the current layout (format {FORMAT}); nothing written")
-        return 0
-    torch.save(upgrade(ckpt), args.new)
-    print(f"wrote {args.new} (format {FORMAT})")
-    return 0

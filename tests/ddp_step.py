@@ -9,7 +9,7 @@ the task from the same seed and replays the step in one process on the combined 
 loss of the two halves (each with the draws its rank made), one backward, one step. It writes
 ``OUT/<task>_rank<r>.pt`` and ``OUT/<task>_replay.pt`` (the initial weights too), which the test
 compares, and ``OUT/<task>_control.pt``, a replay that saw rank 0's half twice (it must differ).
-The ``skip`` task has a NaN loss on rank 1 only, under ``nonfinite: skip``: no rank may update.
+The ``skip`` task has a NaN loss on rank 1 only, under ``skip_nonfinite``: no rank may update.
 """
 import os
 import sys
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ayf.checkpoints import CheckpointTeacher
+from ayf.checkpoints import CheckpointFlowMap, CheckpointTeacher
 from ayf.data import GaussianMixture
 from ayf.nn import MLP, FlowMap, MixtureTeacher, MLPDiscriminator
 from ayf.tasks import AdversarialFinetuning, FlowMapDistillation, FlowMatching, Realignment
@@ -44,12 +44,11 @@ def flow_matching():
 
 
 def distillation():
-    return FlowMapDistillation(net=mlp_flow_map("t_minus_s"), teacher=MixtureTeacher(MIXTURE), objective="emd",
-                               optimizer=sgd)
+    return FlowMapDistillation(net=mlp_flow_map("t_minus_s"), teacher=MixtureTeacher(MIXTURE), optimizer=sgd)
 
 
 def adversarial():
-    return AdversarialFinetuning(distilled_ckpt=DISTILLED, teacher=MixtureTeacher(MIXTURE),
+    return AdversarialFinetuning(student=CheckpointFlowMap(DISTILLED), teacher=MixtureTeacher(MIXTURE),
                                  discriminator=MLPDiscriminator(data_dim=2, width=16, depth=2),
                                  optimizer=sgd, d_optimizer=sgd)
 
@@ -59,9 +58,9 @@ def realignment():
 
 
 def skipping():
-    """Distillation with ``nonfinite: skip`` whose loss is NaN on rank 1 only: both ranks must skip."""
-    task = FlowMapDistillation(net=mlp_flow_map("t_minus_s"), teacher=MixtureTeacher(MIXTURE), objective="emd",
-                               optimizer=sgd, nonfinite="skip")
+    """Distillation with ``skip_nonfinite`` whose loss is NaN on rank 1 only: both ranks must skip."""
+    task = FlowMapDistillation(net=mlp_flow_map("t_minus_s"), teacher=MixtureTeacher(MIXTURE), optimizer=sgd,
+                               skip_nonfinite=10)
     forward = task.objective.forward
 
     def poisoned(net, batch, state=None):
@@ -125,7 +124,7 @@ def ddp_step(name):
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=data(name))
     rank = trainer.global_rank
-    torch.save({"initial": initial, "after": weights(task), "skipped": task.skipped_steps},
+    torch.save({"initial": initial, "after": weights(task), "skipped": task.guard.skipped},
                os.path.join(OUT, f"{name}_rank{rank}.pt"))
     dist.barrier()
     return rank
@@ -147,13 +146,13 @@ def replay(name, use=(0, 1), tag="replay"):
     parts = [loaded[r] for r in use]
     if name == "adversarial":
         g_opt, d_opt = sgd(task.trainable_parameters()), sgd(task.discriminator.parameters())
-        steps = task.fake_steps_at(0)
+        steps = task.adversary.steps_at(0)
         d_opt.zero_grad()
         states = []
         for batch in parts:  # the discriminator step, as each rank made it
             torch.manual_seed(DRAW_SEED)
             b = task.to_batch(batch)
-            loss, _ = task.discriminator_loss(b.x0, b.cond, steps)
+            loss, _ = task.adversary.discriminator_loss(task.discriminator, task.net, b.x0, task.fake_cond(b), steps)
             (loss / 2).backward()
             states.append(torch.get_rng_state())
         d_opt.step()
@@ -169,9 +168,7 @@ def replay(name, use=(0, 1), tag="replay"):
         opt.zero_grad()
         for batch in parts:
             torch.manual_seed(DRAW_SEED)
-            if name == "realignment":
-                task.set_phase()
-            per, _ = task.objective(task.net, task.to_batch(batch), task.objective_state())
+            per, _ = task.objective(task.net, task.to_batch(batch), task.state())
             (per.mean() / 2).backward()
         opt.step()
     torch.save({"initial": initial, "after": weights(task)}, os.path.join(OUT, f"{name}_{tag}.pt"))

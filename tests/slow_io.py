@@ -6,8 +6,7 @@ import os
 import time
 
 import lightning as L
-
-from ayf.checkpoint_io import AtomicCheckpointIO
+from ayf.commands.lightning import AtomicCheckpointIO
 
 
 class SlowCheckpointIO(AtomicCheckpointIO):

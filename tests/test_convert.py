@@ -10,7 +10,7 @@ from torch import nn
 
 from ayf.checkpoints import CheckpointTeacher, load_network
 from ayf.cli import main
-from ayf.convert import convert_edm2, read_export
+from ayf.commands.convert import convert_edm2, read_export
 from ayf.errors import ConfigError
 from ayf.nn import Cond, FlowMap, GuidedTeacher
 from ayf.nn.edm2 import EDM2Net

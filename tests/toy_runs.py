@@ -55,13 +55,22 @@ STAND_IN = {"distill_cfg": "--model.teacher.init_args.teacher.init_args.ckpt_pat
             "adversarial_autoguidance": "--model.teacher.init_args.weak.init_args.ckpt_path"}
 
 
+#: the stages whose configs write their own net (the others build it on their teacher, or read it
+#: from the distilled checkpoint), which the small-net overlays shrink
+WRITE_NET = {"toy": ("teacher", "teacher_cond", "teacher_weak", "distill_emd", "distill_lmd", "distill_consistency"),
+             "points": ("teacher",), "digits": ("teacher",), "fashion_mnist": ("teacher",)}
+
+
 def stage_args(dataset, stage):
     """``ayf fit`` of a shipped stage under its tests/conf/<dataset> overlays."""
-    if dataset == "imagenet64":
-        overlays = ["tiny"] + (["tiny_adversarial"] if stage == "adversarial" else ["tiny_realign"] if stage == "realign" else [])
+    if stage.startswith("adversarial"):
+        overlays = ["tiny", "tiny_adversarial"]
+    elif stage in ("realign", "teacher_edm2"):
+        overlays = ["tiny", {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}[stage]]
+    elif stage in WRITE_NET.get(dataset, ()):
+        overlays = ["tiny", "small_net" if dataset in ("toy", "points") else "tiny_net"]
     else:
-        overlays = ["tiny", "tiny_adversarial" if stage.startswith("adversarial") else "small_net" if dataset in ("toy", "points")
-                    else {"teacher_edm2": "tiny_edm2_net", "realign": "tiny_realign"}.get(stage, "tiny_net")]
+        overlays = ["tiny"]
     args = ["fit", "--config", shipped(dataset, stage), *[a for n in overlays for a in
                                                          ("--config", os.path.join(CONF, dataset, f"{n}.yaml"))]]
     if dataset not in ("toy", "points") and stage == "teacher":

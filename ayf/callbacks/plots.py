@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 import lightning as L
 import torch
@@ -18,13 +18,14 @@ class SamplePlot(L.Callback):
     ``<log_dir>/samples/step_<k>.png``. Vector data only (it plots the first two coordinates).
 
     Args:
-        steps: step counts to draw (flow map: jumps; teacher: Euler steps).
+        steps: step counts to draw (default: 1, 2, 4 and 8 jumps of a flow map; 4, 8, 16 and 64
+            Euler steps of a velocity model).
         num_samples: points per panel.
         seed: seed of the fixed noise.
     """
 
-    def __init__(self, steps: List[int] = (1, 2, 4, 8), num_samples: int = 2000, seed: int = 0):
-        self.steps = [int(k) for k in steps]
+    def __init__(self, steps: Optional[List[int]] = None, num_samples: int = 2000, seed: int = 0):
+        self.steps = None if steps is None else [int(k) for k in steps]
         self.num_samples = num_samples
         self.seed = seed
 
@@ -49,11 +50,23 @@ class SamplePlot(L.Callback):
         if data is not None:
             panels["data"] = data
         with sampling_weights(trainer, pl_module):
-            for k in self.steps:
+            for k in step_counts(self.steps, pl_module, (4, 8, 16, 64)):
                 panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k, label=label).cpu()
         lim = float(max(p.abs().quantile(0.995) for p in panels.values())) * 1.1
         fig = scatter_figure(panels, f"{pl_module.kind} @ step {trainer.global_step}", lim)
         publish_figure(trainer, fig, "samples")
+
+
+#: the step counts of a flow map's samples, when a callback is given none
+FLOW_MAP_STEPS = (1, 2, 4, 8)
+
+
+def step_counts(steps, pl_module, velocity_steps) -> list:
+    """``steps``, or the defaults for what the task samples: :data:`FLOW_MAP_STEPS` jumps of a
+    flow map, ``velocity_steps`` ODE steps of a velocity model."""
+    if steps is not None:
+        return list(steps)
+    return list(FLOW_MAP_STEPS if pl_module.net.is_flow_map else velocity_steps)
 
 
 def fixed_inputs(net, n: int, seed: int, device):

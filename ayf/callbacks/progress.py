@@ -5,7 +5,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class ProgressBar(TQDMProgressBar):
-    """TQDM progress bar showing the loss and the tangent warmup r; hides the version number.
+    """TQDM progress bar showing the loss and the tangent warm-up ratio r; hides the version number.
 
     Args:
         refresh_rate: update the bar every this many batches.
@@ -17,7 +17,7 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        r = getattr(pl_module, "tangent_r", None)
+        r = trainer.callback_metrics.get("train/tangent_r")
         if r is not None and pl_module.training:
-            items["r"] = f"{r:.3f}"
+            items["r"] = f"{float(r):.3f}"
         return items

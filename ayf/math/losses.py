@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
-WEIGHTINGS = ("none", "f_space", "gap", "inv_gap", "adaptive")
-#: offset of the ``inv_gap`` weighting ``1 / (t - s + INV_GAP_OFFSET)``, which keeps s = t finite
-INV_GAP_OFFSET = 0.05
+WEIGHTINGS = ("none", "f_space", "adaptive")
 
 
 def _sq_mean(a: torch.Tensor) -> torch.Tensor:
@@ -23,22 +21,15 @@ def flow_map_loss(F: torch.Tensor, g: torch.Tensor, t, s, weighting: str = "none
 
     F: student prediction with graph, ``(B, *D)``; g: (normalised) tangent, ``(B, *D)``.
     weighting: ``none`` keeps the F-space target; ``f_space`` multiplies by ``(t - s)^2``, the
-    weight the same regression picks up when written for ``f = x + (s - t) F``; ``gap`` by
-    ``t - s``, the weight |t - s| that the continuous EMD gradient carries (docs/maths.md §3);
-    ``inv_gap`` by ``1 / (t - s + 0.05)``, which favours short jumps; ``adaptive`` returns the
-    unweighted value for :func:`adaptive_weighted_loss`.
+    weight the same regression picks up when written for ``f = x + (s - t) F``; ``adaptive``
+    returns the unweighted value for :func:`adaptive_weighted_loss`.
     Since ``F- == F`` in value, ``F - stopgrad(F- + g) = F - stopgrad(F) - g``.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     per = _sq_mean(F - (F.detach() + g))
-    gap = (t - s).to(per.dtype)
     if weighting == "f_space":
-        per = per * gap ** 2
-    elif weighting == "gap":
-        per = per * gap
-    elif weighting == "inv_gap":
-        per = per / (gap + INV_GAP_OFFSET)
+        per = per * (t - s).to(per.dtype) ** 2
     return per
 
 

@@ -1,14 +1,11 @@
 """AYF-EMD and AYF-LMD tangents by forward-mode differentiation (docs/maths.md §3 and §4).
 
 ``F_fn(x, t, s, cond) -> F`` is the student's average velocity; ``cond`` (class label, guidance
-scale) is held fixed: the JVP differentiates in x, t and s only. The JVP runs in the dtype of its inputs; train in float32 or
-bfloat16 autocast at your own risk, test in float64.
+scale) is held fixed: the JVP differentiates in x, t and s only. The JVP runs in the dtype of its
+inputs (in float32 inside autocast with ``float32``); tests run in float64.
 
-By default the JVP runs without an autograd graph (theta- = stopgrad(theta)), and when grad is
-enabled the trainable prediction ``F`` comes from a second, ordinary forward pass. With
-``shared_primal`` the JVP runs with grad on instead, and ``F`` is its own primal output (the
-MeanFlow-style step: one forward pass fewer, equal in exact arithmetic; the tangent is still
-detached). ``benchmarks/throughput.py --shared_primal`` times both.
+The JVP runs without an autograd graph (theta- = stopgrad(theta)); when grad is enabled the
+trainable prediction ``F`` comes from a second, ordinary forward pass.
 """
 from __future__ import annotations
 
@@ -24,11 +21,10 @@ from ayf.math.flow_map import bcast
 FFn = Callable[..., torch.Tensor]
 
 
-def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False, graph: bool = False):
-    """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))``.
+def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False):
+    """``F-, dF = jvp(F_fn(., ., ., cond), (x, t, s), (dx, dt, ds))``, both detached.
 
-    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. dF is detached; so is F unless ``graph`` is set
-    and grad is enabled, in which case F keeps the autograd graph of its forward pass. Attention
+    x, dx: ``(B, *D)``; t, s, dt, ds: ``(B,)``. Attention
     (``scaled_dot_product_attention``) runs on its math kernel here: fused kernels lack
     forward-mode rules. ``float32``: inside an autocast region (bf16 / fp16 mixed precision), run
     the JVP with autocast off and float32 inputs, since the tangent is where low precision costs
@@ -38,24 +34,20 @@ def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: boo
     if float32 and torch.is_autocast_enabled(x.device.type):
         ctx = torch.autocast(x.device.type, enabled=False)
         x, t, s, dx, dt, ds = (a.float() for a in (x, t, s, dx, dt, ds))
-    grad = torch.enable_grad() if graph and torch.is_grad_enabled() else torch.no_grad()
-    with grad, sdpa_kernel([SDPBackend.MATH]), ctx:
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), ctx:
         F, dF = jvp(lambda a, b, c: F_fn(a, b, c, cond), (x, t, s), (dx, dt, ds))
-    return F, dF.detach()
+    return F.detach(), dF.detach()
 
 
-def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, shared_primal):
-    """``(F with graph, F-, dF)``: the JVP, and the trainable prediction from a second forward pass
-    or, with ``shared_primal``, from the JVP's own primal (F- = F then, detached)."""
-    F_jvp, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, float32=jvp_float32, graph=shared_primal)
-    F_minus = F_jvp.detach()
-    if F_jvp.requires_grad or not torch.is_grad_enabled():
-        return F_jvp, F_minus, dF
-    return F_fn(x, t, s, cond), F_minus, dF
+def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32):
+    """``(F with graph, F-, dF)``: the JVP, and the trainable prediction from a second forward
+    pass (the JVP's own primal when grad is off)."""
+    F_minus, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, float32=jvp_float32)
+    F = F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
+    return F, F_minus, dF
 
 
-def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False,
-                shared_primal: bool = False):
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False):
     """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
@@ -63,29 +55,27 @@ def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32:
     and vanishes at the exact flow map. v: teacher velocity at ``(x_t, t)``, ``(B, *D)``.
 
     ``jvp_float32``: the JVP in float32 inside autocast (:func:`jvp_average_velocity`).
-    ``shared_primal``: F is the JVP's primal rather than a second forward pass (module docstring).
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F, F_minus, dF_dt = _jvp_and_prediction(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond,
-                                            jvp_float32, shared_primal)
+                                            jvp_float32)
     g = (v.to(F_minus.dtype) - F_minus) + r * bcast(s - t, x_t).to(F_minus.dtype) * dF_dt
     return F, g
 
 
-def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False,
-                shared_primal: bool = False):
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False):
     """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
     ``df/ds = F- + (s - t) dF/ds``; then ``g = v_phi(f-, s) - df/ds``, zero at the exact map.
-    velocity_fn(x, s, cond) is the (guided) teacher, called without grad. ``jvp_float32`` and
-    ``shared_primal``: as for :func:`emd_tangent`.
+    velocity_fn(x, s, cond) is the (guided) teacher, called without grad. ``jvp_float32``: as for
+    :func:`emd_tangent`.
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F, F_minus, dF_ds = _jvp_and_prediction(F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t),
-                                            torch.ones_like(s), cond, jvp_float32, shared_primal)
+                                            torch.ones_like(s), cond, jvp_float32)
     gap = bcast(s - t, x_t).to(F_minus.dtype)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():

@@ -10,24 +10,12 @@ def logit_normal(batch: int, p_mean: float, p_std: float, generator=None, device
     return torch.sigmoid(p_mean + p_std * n)
 
 
-PROPOSALS = ("uniform_s", "sorted", "interval", "long_gap")
-
-
 class TimePairSampler:
     """Draws training pairs ``(t, s)`` with ``0 <= s <= t <= 1`` (docs/maths.md §5).
 
-    First a proposal draws the pair:
-
-    - ``uniform_s`` (default): ``t = sigmoid(N(p_mean, p_std))``, ``s ~ U(0, t)``;
-    - ``sorted``: two independent draws of that logit-normal, ``t`` the larger, ``s`` the smaller;
-    - ``interval``: the gap first, ``t - s = sigmoid(N(gap_mean, gap_std))``, then its position,
-      ``s ~ U(0, 1 - (t - s))``;
-    - ``long_gap``: ``uniform_s``, with a share ``p_long`` of the pairs drawn instead with a gap
-      ``t - s ~ U(1/2, 1)`` at a uniform position (extra mass on the long jumps that few-step
-      sampling takes).
-
-    Then a share of examples is set to t = 1, a share (drawn independently) to s = 0, and a share
-    to ``s = t`` (the flow-matching limit), in that order.
+    :meth:`propose` draws ``t = sigmoid(N(p_mean, p_std^2))`` and ``s ~ U(0, t)`` (a subclass may
+    propose otherwise); then a share of examples is set to t = 1, a share (drawn independently) to
+    s = 0, and a share to ``s = t`` (the flow-matching limit), in that order.
 
     Args:
         p_mean: mean of the logit-normal for t.
@@ -35,35 +23,17 @@ class TimePairSampler:
         p_t_one: share of examples with t = 1 (pure noise).
         p_s_zero: share of examples with s = 0 (jump to data).
         p_diagonal: share of examples with s = t (the flow-matching limit).
-        proposal: ``uniform_s``, ``sorted``, ``interval`` or ``long_gap`` (above).
-        gap_mean: mean of the logit-normal gap of ``interval``.
-        gap_std: standard deviation of the logit-normal gap of ``interval``.
-        p_long: share of long-gap pairs of ``long_gap``.
     """
 
-    def __init__(
-        self,
-        p_mean: float = -0.8,
-        p_std: float = 1.6,
-        p_t_one: float = 0.1,
-        p_s_zero: float = 0.1,
-        p_diagonal: float = 0.0,
-        proposal: str = "uniform_s",
-        gap_mean: float = 0.0,
-        gap_std: float = 1.0,
-        p_long: float = 0.25,
-    ):
-        for name, p in (("p_t_one", p_t_one), ("p_s_zero", p_s_zero), ("p_diagonal", p_diagonal), ("p_long", p_long)):
+    def __init__(self, p_mean: float = -0.8, p_std: float = 1.6, p_t_one: float = 0.1, p_s_zero: float = 0.1,
+                 p_diagonal: float = 0.0):
+        for name, p in (("p_t_one", p_t_one), ("p_s_zero", p_s_zero), ("p_diagonal", p_diagonal)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
-        for name, v in (("p_std", p_std), ("gap_std", gap_std)):
-            if v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-        if proposal not in PROPOSALS:
-            raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
+        if p_std <= 0:
+            raise ValueError(f"p_std must be positive, got {p_std}")
         self.p_mean, self.p_std = p_mean, p_std
         self.p_t_one, self.p_s_zero, self.p_diagonal = p_t_one, p_s_zero, p_diagonal
-        self.proposal, self.gap_mean, self.gap_std, self.p_long = proposal, gap_mean, gap_std, p_long
 
     @staticmethod
     def _uniform(batch, generator, device, dtype):
@@ -71,33 +41,14 @@ class TimePairSampler:
         return lambda: torch.rand(batch, generator=generator, device=device, dtype=dtype)
 
     def propose(self, batch: int, generator=None, device=None, dtype=torch.float32):
-        """The proposal's ``(t, s)`` before the t = 1, s = 0 and s = t shares."""
-        u = self._uniform(batch, generator, device, dtype)
-
-        def t_draw():
-            return logit_normal(batch, self.p_mean, self.p_std, generator, device, dtype)
-
-        def placed(gap):  # a gap at a uniform position in [0, 1]
-            s = (1 - gap) * u()
-            return s + gap, s
-
-        if self.proposal == "sorted":
-            a, b = t_draw(), t_draw()
-            return torch.maximum(a, b), torch.minimum(a, b)
-        if self.proposal == "interval":
-            return placed(logit_normal(batch, self.gap_mean, self.gap_std, generator, device, dtype))
-        t = t_draw()
-        s = t * u()
-        if self.proposal == "long_gap":
-            t_long, s_long = placed(0.5 + 0.5 * u())
-            long = u() < self.p_long
-            t, s = torch.where(long, t_long, t), torch.where(long, s_long, s)
-        return t, s
+        """The pair ``(t, s)`` before the t = 1, s = 0 and s = t shares."""
+        t = logit_normal(batch, self.p_mean, self.p_std, generator, device, dtype)
+        return t, t * self._uniform(batch, generator, device, dtype)()
 
     def __call__(self, batch: int, generator=None, device=None, dtype=torch.float32):
         """Returns ``(t, s)``, each ``(B,)``."""
-        u = self._uniform(batch, generator, device, dtype)
         t, s = self.propose(batch, generator, device, dtype)
+        u = self._uniform(batch, generator, device, dtype)
         t = torch.where(u() < self.p_t_one, torch.ones_like(t), t)  # s stays: it is below the old t
         s = torch.where(u() < self.p_s_zero, torch.zeros_like(s), s)
         s = torch.where(u() < self.p_diagonal, t, s)

@@ -229,3 +229,21 @@ class EDM2Net(nn.Module):
             if isinstance(m, MPConv):
                 m.weight.copy_(mp_normalize(m.weight.float()).to(m.weight.dtype))
 
+
+
+def realigned_config(config: dict, t_num_freqs: int, t_max_freq: float) -> dict:
+    """A converted network's ``class_path``/``init_args`` config with its time input switched to t
+    (teacher realignment, docs/maths.md §11); a network that is not an EDM2Net with the c_noise
+    input is a ConfigError."""
+    import copy
+
+    config = copy.deepcopy(config)
+    backbone = config.get("init_args", {}).get("backbone", {})
+    if backbone.get("class_path") != "ayf.nn.edm2.EDM2Net":
+        raise ConfigError("realignment needs a teacher whose backbone is ayf.nn.edm2.EDM2Net "
+                          f"(a converted EDM2 network), got {backbone.get('class_path')}")
+    args = backbone.setdefault("init_args", {})
+    if args.get("time_input", "c_noise") != "c_noise":
+        raise ConfigError("this teacher is realigned already (time_input: t)")
+    args.update(time_input="t", t_num_freqs=int(t_num_freqs), t_max_freq=float(t_max_freq))
+    return config

@@ -2,8 +2,11 @@
 few-step flow-map samples, with R1/R2 gradient penalties on the discriminator."""
 from __future__ import annotations
 
+from typing import Dict, List, Optional
+
 import torch
 
+from ayf.errors import ConfigError
 from ayf.math.losses import r1_penalty, rpgan_discriminator_loss, rpgan_generator_loss
 from ayf.math.samplers import sample_flow_map
 from ayf.math.times import time_grid
@@ -11,20 +14,39 @@ from ayf.nn.cond import Cond
 
 
 class RpGAN:
-    """``L_D = RpGAN_D + gamma / 2 (R1 + R2)`` and the generator's ``RpGAN_G``.
+    """``L_D = RpGAN_D + gamma / 2 (R1 + R2)`` and the generator's ``RpGAN_G`` (weighted by
+    ``lambda_adv`` in ``L_G``), on fakes sampled by the flow map from fresh noise.
 
     Args:
+        lambda_adv: weight of the generator's term, ``L_G = regression + lambda_adv * RpGAN_G``.
         r1_gamma: gamma of the R1 (real) and R2 (fake) penalties (0: none).
-        draw_lam: ``x0 -> lam (B,) or None``: the guidance scales of the fakes, drawn like the
-            regression term's (a distillation objective's ``draw_lam``).
+        fake_steps: flow-map step counts of the fakes, used in turn (e.g. [1, 2, 4]).
+        fake_steps_schedule: later lists of fake step counts, keyed by the global step (as in
+            ``trainer.max_steps``) from which each replaces ``fake_steps``; e.g.
+            ``{8000: [1, 2, 4, 8, 8]}`` trains on 1-step fakes, then on 1/2/4/8-step fakes.
     """
 
-    def __init__(self, r1_gamma: float, draw_lam):
-        self.r1_gamma, self.draw_lam = r1_gamma, draw_lam
+    def __init__(self, lambda_adv: float = 0.1, r1_gamma: float = 1.0, fake_steps: List[int] = (1,),
+                 fake_steps_schedule: Optional[Dict[int, List[int]]] = None):
+        if lambda_adv < 0 or r1_gamma < 0:
+            raise ConfigError("lambda_adv and r1_gamma must be >= 0")
+        schedule = {0: fake_steps, **{int(start): c for start, c in (fake_steps_schedule or {}).items()}}
+        for start, counts in schedule.items():
+            if start < 0 or not counts or min(counts) < 1:
+                raise ConfigError(f"fake_steps (from step {start}) must be a non-empty list of step counts >= 1")
+        self.lambda_adv, self.r1_gamma = float(lambda_adv), float(r1_gamma)
+        self.schedule = sorted((start, [int(k) for k in counts]) for start, counts in schedule.items())
 
-    def fakes(self, net, x0, cond: Cond, steps: int):
-        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled)."""
-        cond = cond.with_(lam=self.draw_lam(x0))
+    def steps_at(self, global_step: int) -> int:
+        """The fakes' step count at ``global_step`` (two optimiser steps, the discriminator's and
+        the generator's, per iteration): the list in force, in turn from its first iteration."""
+        start, counts = [(start, c) for start, c in self.schedule if start <= global_step][-1]
+        return counts[((global_step - start) // 2) % len(counts)]
+
+    @staticmethod
+    def fakes(net, x0, cond: Cond, steps: int):
+        """``steps``-step flow-map samples from fresh noise (with graph when grad is enabled);
+        ``cond`` carries the labels and guidance scales of the fakes."""
         return sample_flow_map(net, torch.randn_like(x0), time_grid(steps).to(x0), cond)
 
     @staticmethod
@@ -48,7 +70,8 @@ class RpGAN:
         return loss, stats
 
     def generator_loss(self, discriminator, net, x0, cond: Cond, steps: int):
-        """Mean ``RpGAN_G`` of fresh fakes (graph through the flow map, not the real logits)."""
+        """Mean ``RpGAN_G`` of fresh fakes (graph through the flow map, not the real logits);
+        the task weighs it by :attr:`lambda_adv`."""
         fake = self.fakes(net, x0, cond, steps)
         with torch.no_grad():
             d_real = self.score(discriminator, x0, cond)

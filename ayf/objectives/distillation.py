@@ -1,5 +1,5 @@
 """Flow-map distillation objectives: AYF-EMD, AYF-LMD and the continuous consistency model
-(docs/maths.md §3-§5)."""
+(docs/maths.md §3-§5, §12)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -11,15 +11,12 @@ from ayf.errors import ConfigError
 from ayf.math.flow_map import bcast, two_jump_velocity
 from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
 from ayf.math.path import interpolate
-from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent
+from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent, warmup_ratio
 from ayf.math.times import TimePairSampler
 from ayf.nn.embeddings import FourierFeatures
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import Teacher
-from ayf.objectives.base import Batch, Objective
-
-#: which examples of a batch take the two-jump target (DistillationObjective's semigroup_pick)
-SEMIGROUP_PICKS = ("random", "longest")
+from ayf.objectives.base import Batch, Objective, State
 
 
 class AdaptiveWeight(nn.Module):
@@ -38,62 +35,62 @@ class AdaptiveWeight(nn.Module):
 
 class DistillationObjective(Objective):
     """Regression of the student's ``F`` onto ``stopgrad(F- + g / (||g|| + c))`` for a tangent g
-    that vanishes at the teacher's exact flow map (docs/maths.md §3, step 6).
+    that vanishes at the teacher's exact flow map (docs/maths.md §3, step 6). The task hands it
+    the frozen teacher once (:meth:`bind`); every call then draws ``(t, s)``, noise and, for a
+    guided teacher, the guidance scale lam that both the teacher and the student read.
 
     Args:
-        teacher: the frozen teacher ``v(x, t, cond)``; a guided one (ayf.nn.GuidedTeacher) reads
-            the guidance scale lam that this objective draws per example.
-        time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s).
+        time_sampler: (t, s) pair sampler (default: logit-normal t, uniform s; docs/maths.md §5).
         tangent_norm: constant c of the tangent normalisation ``g / (||g|| + c)``; 0 disables it.
-        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2), ``gap`` (t - s),
-            ``inv_gap`` (1 / (t - s + 0.05)) or ``adaptive`` (docs/maths.md §3).
+        warmup: tangent warm-up horizon H in optimiser steps, ``r = min(0.99, step / H)``
+            (docs/maths.md §3, step 3); 0 keeps r = 0.99 from the first step.
+        weighting: per-example weight: ``none`` (F-space), ``f_space`` ((t - s)^2) or
+            ``adaptive`` (a learned ``w(t, s)``; docs/maths.md §3).
         guidance_range: ``[lo, hi]`` of lam ~ U[lo, hi] drawn per example for a guided teacher.
+        semigroup: share of each batch, its longest jumps ``t - s``, whose target is the student's
+            own two-jump map through the midpoint instead of the tangent, normalised like it
+            (docs/maths.md §12); 0 is plain AYF. Pairs with ``s = t`` keep the tangent.
         jvp_float32: inside mixed precision (``--trainer.precision bf16-mixed``), compute the
-            student's JVP in float32 (default; the tangent is where low precision costs accuracy);
-            false runs it under autocast like the rest of the step (faster, less exact).
-        shared_primal: the trainable prediction F is the JVP's own primal output (the JVP then
-            runs with grad on) instead of a second forward pass: one forward pass fewer per step,
-            the same loss and gradient, more memory (MeanFlow-style; ayf/math/tangents.py).
-        mask_nonfinite: examples whose tangent is not finite (a teacher or JVP that overflowed
-            there) get a zero loss instead of making the whole batch's loss NaN; their count is
-            the ``masked`` statistic.
-        semigroup: share of each batch whose target is the student's own two-jump map instead
-            of the tangent: ``F`` is moved towards the average velocity of the jumps
-            ``t -> (t + s) / 2 -> s`` of the frozen student, normalised like the tangent
-            (docs/maths.md §12). 0 (default) is plain AYF. Pairs with ``s = t`` keep the tangent.
-        semigroup_pick: which examples take it: ``random`` (the first of the batch, whose order
-            is random) or ``longest`` (the longest jumps ``t - s`` of the batch).
+            student's JVP in float32 (the tangent is where low precision costs accuracy); false
+            runs it under autocast like the rest of the step (faster, less exact).
+        compile: run the loss terms (teacher call, JVP, forward) through ``torch.compile``.
     """
 
     #: gamma of the sampler that suits the objective (consistency models re-noise: 1)
     sample_gamma = 0.0
+    #: the objective trains jumps to s = 0 only (no two-jump target then)
+    to_data_only = False
 
-    def __init__(self, teacher: Teacher, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
-                 weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0), mask_nonfinite: bool = False,
-                 jvp_float32: bool = True, shared_primal: bool = False, semigroup: float = 0.0,
-                 semigroup_pick: str = "random"):
-        super().__init__()
+    def __init__(self, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
+                 warmup: int = 10_000, weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0),
+                 semigroup: float = 0.0, jvp_float32: bool = True, compile: bool = False):
+        super().__init__(compile)
         if not 0.0 <= semigroup <= 1.0:
             raise ConfigError(f"semigroup is a share of the batch in [0, 1], got {semigroup}")
-        if semigroup_pick not in SEMIGROUP_PICKS:
-            raise ConfigError(f"unknown semigroup_pick {semigroup_pick!r}; choose one of {', '.join(SEMIGROUP_PICKS)}")
-        self.semigroup, self.semigroup_pick = float(semigroup), semigroup_pick
-        self.mask_nonfinite, self.jvp_float32, self.shared_primal = mask_nonfinite, jvp_float32, shared_primal
+        if semigroup and self.to_data_only:
+            raise ConfigError("semigroup targets need jumps to s > 0, which the consistency objective never learns")
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        self.teacher = teacher.requires_grad_(False).eval()
+        if warmup < 0:
+            raise ConfigError(f"warmup is a number of steps >= 0, got {warmup}")
+        lo, hi = (float(v) for v in guidance_range)
+        if not 0.0 <= lo <= hi:
+            raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {list(guidance_range)}")
         self.time_sampler = time_sampler or TimePairSampler()
-        self.tangent_norm, self.weighting = tangent_norm, weighting
+        self.tangent_norm, self.warmup, self.weighting = tangent_norm, int(warmup), weighting
+        self.semigroup, self.jvp_float32, self._range = float(semigroup), jvp_float32, (lo, hi)
         self.adaptive = AdaptiveWeight() if weighting == "adaptive" else None
+        self.teacher: Optional[Teacher] = None
         self.guidance_range = None
-        if teacher.reads_lam:
-            lo, hi = (float(v) for v in guidance_range)
-            if not 0.0 <= lo <= hi:
-                raise ConfigError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {list(guidance_range)}")
-            self.guidance_range = (lo, hi)
+
+    def bind(self, teacher: Teacher) -> None:
+        """Takes the frozen teacher ``v(x, t, cond)`` (once, from the task); a guided one
+        (ayf.nn.GuidedTeacher) reads the lam that this objective draws per example."""
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.guidance_range = self._range if teacher.reads_lam else None
 
     def check_student(self, net: FlowMap) -> None:
-        """A student that cannot learn from this teacher is a ConfigError."""
+        """A student that cannot learn from the bound teacher is a ConfigError."""
         if not net.is_flow_map:
             raise ConfigError("the student net needs an s embedding (`s_embedding: t_minus_s` or `s`)")
         if self.teacher.reads_lam != net.guidance_input:
@@ -104,8 +101,13 @@ class DistillationObjective(Objective):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
+
+    def ratio(self, step: int) -> float:
+        """The tangent warm-up ratio r at optimiser step ``step``."""
+        return warmup_ratio(step, self.warmup)
 
     def pairs(self, x0):
         """Training pairs ``(t, s)``, each ``(B,)``."""
@@ -118,41 +120,41 @@ class DistillationObjective(Objective):
         lo, hi = self.guidance_range
         return lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
 
-    def draw(self, batch: Batch):
+    def draw(self, batch: Batch, state: State):
         x0 = batch.x0
         t, s = self.pairs(x0)
-        return batch.cond.with_(lam=self.draw_lam(x0)), (torch.randn_like(x0), t, s)
+        r = torch.as_tensor(self.ratio(state.step), device=x0.device, dtype=x0.dtype)  # a tensor: no recompiles
+        return batch.cond.with_(lam=self.draw_lam(x0)), (torch.randn_like(x0), t, s, r)
 
     def tangent(self, net, x_t, t, s, cond, r):  # pragma: no cover - abstract
         """``(F with graph, g unnormalised and detached)``."""
         raise NotImplementedError
 
-    def terms(self, net, x0, cond, eps, t, s, r=None):
+    def two_jump_examples(self, t, s, k: int):
+        """Indices of the ``k`` examples that take the two-jump target: the longest jumps."""
+        return torch.topk(t - s, k).indices
+
+    def regression(self, F, step, t, s):
+        """Per-example loss of ``F`` against ``stopgrad(F + step)`` with the configured weighting."""
+        per = flow_map_loss(F, step, t, s, self.weighting)
+        return per if self.adaptive is None else adaptive_weighted_loss(per, self.adaptive(t, s))
+
+    def terms(self, net, x0, cond, eps, t, s, r):
         x_t = interpolate(x0, eps, t)
         F, g = self.tangent(net, x_t, t, s, cond, r)
-        stats = {}
-        if self.mask_nonfinite:
-            bad = ~torch.isfinite(g.flatten(1)).all(dim=1)
-            # a zero tangent makes the target F itself: zero loss and zero gradient there (a NaN
-            # target would poison the gradient even behind a mask)
-            g = torch.where(bad.view(-1, *[1] * (g.dim() - 1)), torch.zeros_like(g), g)
-            stats["masked"] = bad.sum().to(g.dtype)
-        stats["tangent_norm"] = g.flatten(1).norm(dim=1).mean()
+        stats = {"tangent_norm": g.flatten(1).norm(dim=1).mean(), "tangent_r": r.detach()}
         step = normalize_tangent(g, self.tangent_norm)
         k = round(self.semigroup * x0.shape[0])
         if k:
             # k examples regress onto the frozen student's two-jump map; a fixed count keeps the
             # shapes static for compile
-            pick = torch.topk(t - s, k).indices if self.semigroup_pick == "longest" else torch.arange(k, device=t.device)
+            pick = self.two_jump_examples(t, s, k)
             with torch.no_grad():
                 gap = two_jump_velocity(net, x_t[pick], t[pick], s[pick], cond[pick]) - F.detach()[pick]
             stats["semigroup_gap"] = gap.flatten(1).norm(dim=1).mean()
             off = bcast(t[pick] > s[pick], gap)  # at s = t the two-jump map is F itself: keep the tangent
             step = step.index_copy(0, pick, torch.where(off, normalize_tangent(gap, self.tangent_norm), step[pick]))
-        per = flow_map_loss(F, step, t, s, self.weighting)
-        if self.adaptive is not None:
-            per = adaptive_weighted_loss(per, self.adaptive(t, s))
-        return per, stats
+        return self.regression(F, step, t, s), stats
 
 
 class EMD(DistillationObjective):
@@ -162,17 +164,15 @@ class EMD(DistillationObjective):
     def tangent(self, net, x_t, t, s, cond, r):
         with torch.no_grad():
             v = self.teacher(x_t, t, cond)
-        return emd_tangent(net, x_t, t, s, v, r=1.0 if r is None else r, cond=cond, jvp_float32=self.jvp_float32,
-                           shared_primal=self.shared_primal)
+        return emd_tangent(net, x_t, t, s, v, r=r, cond=cond, jvp_float32=self.jvp_float32)
 
 
 class LMD(DistillationObjective):
     """AYF-LMD (Lagrangian): the tangent compares ``df/ds`` with the teacher's velocity at the
-    jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warmup."""
+    jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warm-up."""
 
     def tangent(self, net, x_t, t, s, cond, r):
-        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32,
-                           shared_primal=self.shared_primal)
+        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32)
 
 
 class Consistency(EMD):
@@ -180,22 +180,8 @@ class Consistency(EMD):
     (the baseline of docs/maths.md §8). The s = 0 rule lives here alone."""
 
     sample_gamma = 1.0
-
-    def __init__(self, teacher: Teacher, **settings):
-        super().__init__(teacher, **settings)
-        if self.semigroup:
-            raise ConfigError("semigroup targets need jumps to s > 0, which the consistency objective never learns")
+    to_data_only = True
 
     def pairs(self, x0):
         t, s = super().pairs(x0)
         return t, torch.zeros_like(s)
-
-
-OBJECTIVES = {"emd": EMD, "lmd": LMD, "consistency": Consistency}
-
-
-def distillation_objective(name: str, teacher: Teacher, **settings) -> DistillationObjective:
-    """The objective called ``name`` (``emd``, ``lmd`` or ``consistency``) on ``teacher``."""
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](teacher, **settings)

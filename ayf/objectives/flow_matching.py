@@ -8,7 +8,7 @@ from ayf.math.losses import flow_matching_loss
 from ayf.math.path import interpolate, velocity_target
 from ayf.math.times import logit_normal
 from ayf.nn.cond import NULL_LABEL
-from ayf.objectives.base import Batch, Objective
+from ayf.objectives.base import Batch, Objective, State
 
 
 class FlowMatchingObjective(Objective):
@@ -19,10 +19,11 @@ class FlowMatchingObjective(Objective):
         p_mean: mean of the logit-normal training-time distribution.
         p_std: standard deviation of the logit-normal training-time distribution.
         label_dropout: share of training labels replaced by the null label (training mode only).
+        compile: run the loss terms through ``torch.compile``.
     """
 
-    def __init__(self, p_mean: float = 0.0, p_std: float = 1.0, label_dropout: float = 0.0):
-        super().__init__()
+    def __init__(self, p_mean: float = 0.0, p_std: float = 1.0, label_dropout: float = 0.0, compile: bool = False):
+        super().__init__(compile)
         if not 0.0 <= label_dropout < 1.0:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         self.p_mean, self.p_std, self.label_dropout = p_mean, p_std, label_dropout
@@ -35,12 +36,12 @@ class FlowMatchingObjective(Objective):
         drop = torch.rand(label.shape, device=label.device) < p
         return torch.where(drop, torch.full_like(label, NULL_LABEL), label)
 
-    def draw(self, batch: Batch):
+    def draw(self, batch: Batch, state: State):
         x0 = batch.x0
         t = logit_normal(x0.shape[0], self.p_mean, self.p_std, device=x0.device, dtype=x0.dtype)
         cond = batch.cond.with_(label=self.drop_labels(batch.cond.label))
         return cond, (torch.randn_like(x0), t)
 
-    def terms(self, net, x0, cond, eps, t, r=None):
+    def terms(self, net, x0, cond, eps, t):
         v = net.velocity(interpolate(x0, eps, t), t, cond)
         return flow_matching_loss(v, velocity_target(x0, eps)), {}

@@ -1,5 +1,5 @@
 """What the two flow-map tasks (distillation, adversarial finetuning) share: a student flow map,
-a distillation objective that owns the frozen teacher, the warmup state and sampling."""
+a distillation objective bound to the frozen teacher, and sampling of both."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from ayf.checkpoints import build_network, student_config, teacher_net_config
 from ayf.errors import ConfigError
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import Teacher
-from ayf.objectives import State, distillation_objective
+from ayf.objectives import EMD, DistillationObjective
 from ayf.sampling import generate
 from ayf.tasks.base import AyfTask
 
@@ -24,28 +24,25 @@ def student_for(teacher: Teacher) -> tuple:
 
 
 class FlowMapTask(AyfTask):
-    """Base of the tasks whose ``net`` is a flow map learning from a frozen teacher."""
+    """Base of the tasks whose ``net`` is a flow map learning from a frozen teacher through a
+    :class:`ayf.objectives.DistillationObjective`."""
 
-    #: tangent warmup ratio, set from global_step by the TangentWarmup callback
-    tangent_r = 0.99
+    default_solver = "flow_map"
 
-    def wire(self, net: FlowMap, teacher: Teacher, objective: str, sample_guidance, **settings) -> None:
-        """Builds the objective on ``teacher`` and checks that ``net`` can learn from it."""
-        built = distillation_objective(objective, teacher, **settings)
-        built.check_student(net)
-        self.net = net
-        self.set_objective(built)
-        lam_range = built.guidance_range
-        if lam_range is not None and sample_guidance is None:
-            sample_guidance = sum(lam_range) / 2
-        self.sample_guidance = sample_guidance
+    def attach(self, net: FlowMap, teacher: Teacher, objective: DistillationObjective, sample_guidance) -> None:
+        """Hands ``teacher`` to ``objective`` (default: AYF-EMD) and checks that ``net`` can learn from it."""
+        if teacher is None:
+            raise ConfigError(f"{self.kind} needs a teacher (--model.teacher)")
+        objective = EMD() if objective is None else objective
+        objective.bind(teacher)
+        objective.check_student(net)
+        self.net, self.objective = net, objective
+        lam_range = objective.guidance_range
+        self.sample_guidance = sum(lam_range) / 2 if lam_range is not None and sample_guidance is None else sample_guidance
 
     @property
     def teacher(self) -> Teacher:
         return self.objective.teacher
-
-    def objective_state(self) -> State:
-        return State(r=float(self.tangent_r))
 
     def known_shapes(self, datamodule=None) -> dict:
         return {
@@ -60,17 +57,13 @@ class FlowMapTask(AyfTask):
             self.teacher.bind_data(dm)
         super().setup(stage)
 
+    def net_config(self):
+        return getattr(self.net, "net_config", None) or super().net_config() or getattr(self, "_net_config", None)
+
     # --- sampling ---------------------------------------------------------------------------
     def sampling_model(self, lam):
         self.net.check_lam(lam)
         return self.net, lam
-
-    def set_sample_guidance(self, lam: float) -> None:
-        self.sampling_model(lam)
-        self.sample_guidance = lam
-
-    def default_gamma(self) -> float:
-        return self.objective.sample_gamma
 
     @torch.no_grad()
     def teacher_generate(self, noise, steps: int, label=None, solver: str = "euler", guidance=None):

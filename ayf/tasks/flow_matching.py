@@ -1,4 +1,4 @@
-"""FlowMatching: train (or realign) a velocity teacher on data (docs/maths.md §1)."""
+"""FlowMatching: train a velocity teacher on data (docs/maths.md §1)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -24,13 +24,10 @@ class FlowMatching(AyfTask):
         label_dropout: share of training labels replaced by the null label, so that the same
             network also learns the unconditional velocity that classifier-free guidance needs.
         compile: run the loss computation through ``torch.compile`` (first step compiles).
-        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
-            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
-        max_skips: with ``skip``, stop after this many non-finite steps in a row.
+        skip_nonfinite: non-finite losses in a row to skip before training stops (0: stop at the first).
     """
 
     kind = "FlowMatching"
-    default_solver = "euler"
 
     def __init__(
         self,
@@ -41,27 +38,21 @@ class FlowMatching(AyfTask):
         p_std: float = 1.0,
         label_dropout: float = 0.0,
         compile: bool = False,
-        nonfinite: str = "stop",
-        max_skips: int = 10,
+        skip_nonfinite: int = 0,
     ):
-        super().__init__(optimizer, lr_scheduler, compile, nonfinite, max_skips)
+        super().__init__(optimizer, lr_scheduler, skip_nonfinite)
         if net.is_flow_map:
             raise ConfigError("FlowMatching trains a velocity model: give the net `s_embedding: none`")
         if label_dropout > 0 and net.num_classes == 0:
             raise ConfigError("label_dropout needs a class-conditional net (`num_classes` > 0)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = net
-        self.set_objective(FlowMatchingObjective(p_mean, p_std, label_dropout))
+        self.objective = FlowMatchingObjective(p_mean, p_std, label_dropout, compile)
 
     def sampling_model(self, lam):
         """The net as a teacher; with lam other than None or 1, classifier-free guidance."""
         model = velocity_teacher(self.net, self.hparams.label_dropout, lam, freeze=False)
         return model, (lam if model.reads_lam else None)
 
-    def set_sample_guidance(self, lam: float) -> None:
-        self.sampling_model(lam)  # raises when classifier-free guidance is impossible
-        self.sample_guidance = lam
-
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ayf"]["label_dropout"] = self.hparams.label_dropout
+    def record_extras(self) -> dict:
+        return {"label_dropout": self.hparams.label_dropout}

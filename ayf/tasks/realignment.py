@@ -1,7 +1,6 @@
 """Realignment: a converted teacher's time input switched from c_noise(sigma) to t (docs/maths.md §11)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Optional
@@ -12,49 +11,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from ayf.checkpoints import CheckpointTeacher, build_network
 from ayf.distributed import run_dir
 from ayf.errors import ConfigError
-from ayf.math.path import interpolate
+from ayf.metrics.realignment import velocity_error
 from ayf.nn.cond import Cond
+from ayf.nn.edm2 import realigned_config
 from ayf.nn.teachers import NetTeacher
 from ayf.objectives.realignment import RealignmentObjective
 from ayf.tasks.base import AyfTask
-
-#: bins of the valid t range in the velocity-error report
-REPORT_BINS = 4
-
-
-def realigned_config(config: dict, t_num_freqs: int, t_max_freq: float) -> dict:
-    """A converted network's config with its time input switched to t."""
-    config = copy.deepcopy(config)
-    backbone = config.get("init_args", {}).get("backbone", {})
-    if backbone.get("class_path") != "ayf.nn.edm2.EDM2Net":
-        raise ConfigError("realignment needs a teacher whose backbone is ayf.nn.edm2.EDM2Net "
-                          f"(a converted EDM2 network), got {backbone.get('class_path')}")
-    args = backbone.setdefault("init_args", {})
-    if args.get("time_input", "c_noise") != "c_noise":
-        raise ConfigError("this teacher is realigned already (time_input: t)")
-    args.update(time_input="t", t_num_freqs=int(t_num_freqs), t_max_freq=float(t_max_freq))
-    return config
-
-
-@torch.no_grad()
-def velocity_error(net, teacher, x0, cond: Cond, eps, t, bins: int = REPORT_BINS, batch_size: int = 256) -> dict:
-    """Relative RMS error ``sqrt(sum ||v_net - v_teacher||^2 / sum ||v_teacher||^2)`` at
-    ``x_t = (1 - t) x0 + t eps``, overall and in ``bins`` equal bins of the examples (sorted by t)."""
-    order = torch.argsort(t)
-    x0, eps, t, cond = x0[order], eps[order], t[order], cond[order]
-    err, ref = [], []
-    for i in range(0, len(x0), batch_size):
-        sl = slice(i, i + batch_size)
-        x_t = interpolate(x0[sl], eps[sl], t[sl])
-        v_ref = teacher(x_t, t[sl], cond[sl])
-        err.append((net.velocity(x_t, t[sl], cond[sl]) - v_ref).flatten(1).pow(2).sum(1))
-        ref.append(v_ref.flatten(1).pow(2).sum(1))
-    err, ref = torch.cat(err), torch.cat(ref)
-    parts = [b for b in torch.tensor_split(torch.arange(len(err)), bins) if len(b)]
-    return {"velocity_rel_error": float((err.sum() / ref.sum()).sqrt()),
-            "t_range": [float(t[0]), float(t[-1])],
-            "bins": [{"t": [float(t[b[0]]), float(t[b[-1]])], "velocity_rel_error": float((err[b].sum() / ref[b].sum()).sqrt())}
-                     for b in parts]}
 
 
 class Realignment(AyfTask):
@@ -84,22 +46,17 @@ class Realignment(AyfTask):
         eval_examples: validation examples in the velocity-error report.
         report: JSON file of the report (default: realignment.json in the run's log folder).
         compile: run the loss computation through ``torch.compile``.
-        nonfinite: what a non-finite loss does: ``stop`` training (default; the last checkpoint
-            is untouched) or ``skip`` the step (no update; counted in ``train/skipped_steps``).
-        max_skips: with ``skip``, stop after this many non-finite steps in a row.
+        skip_nonfinite: non-finite losses in a row to skip before training stops (0: stop at the first).
     """
 
     kind = "Realignment"
-    default_solver = "euler"
 
     def __init__(self, teacher: str, embedding_steps: int = 2000, target: str = "teacher",
                  optimizer: Optional[OptimizerCallable] = None, lr_scheduler: Optional[LRSchedulerCallable] = None,
                  embedding_lr: float = 3e-3, p_mean: float = 0.0, p_std: float = 1.0, t_num_freqs: int = 64,
                  t_max_freq: float = 256.0, eval_examples: int = 512, report: Optional[str] = None,
-                 compile: bool = False, nonfinite: str = "stop", max_skips: int = 10):
-        super().__init__(optimizer, lr_scheduler, compile, nonfinite, max_skips)
-        if embedding_steps < 0:
-            raise ConfigError(f"embedding_steps must be >= 0, got {embedding_steps}")
+                 compile: bool = False, skip_nonfinite: int = 0):
+        super().__init__(optimizer, lr_scheduler, skip_nonfinite)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         original = CheckpointTeacher(teacher)
         self.realigned_config = realigned_config(original.net_config, t_num_freqs, t_max_freq)
@@ -108,7 +65,7 @@ class Realignment(AyfTask):
         missing = self.net.load_state_dict(kept, strict=False).missing_keys
         if any(not k.startswith("backbone.t_embedding.") for k in missing):
             raise ConfigError(f"the realigned network lacks weights of the original: {missing[:3]}")
-        self.set_objective(RealignmentObjective(original, target, p_mean, p_std))
+        self.objective = RealignmentObjective(original, embedding_steps, target, p_mean, p_std, compile)
         self.history = []
         self.unused_parameters = embedding_steps > 0  # that phase trains the time embedding alone
 
@@ -124,41 +81,25 @@ class Realignment(AyfTask):
         emb = list(self.net.backbone.t_embedding.parameters())
         ids = {id(p) for p in emb}
         rest = [p for p in self.net.parameters() if id(p) not in ids and p.requires_grad]
-        opt = self._optimizer([{"params": rest}, {"params": emb, "lr": self.hparams.embedding_lr}])
-        if self._lr_scheduler is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._lr_scheduler(opt), "interval": "step"}}
-
-    def set_phase(self) -> None:
-        fit = self.global_step < self.hparams.embedding_steps or self.hparams.target == "none"
-        self.objective.phase = "embedding" if fit else "finetune"
-
-    def training_step(self, batch, batch_idx):
-        self.set_phase()
-        return super().training_step(batch, batch_idx)
-
-    def validation_step(self, batch, batch_idx):
-        self.set_phase()
-        super().validation_step(batch, batch_idx)
+        return self.with_scheduler(self._optimizer([{"params": rest}, {"params": emb, "lr": self.hparams.embedding_lr}]))
 
     # --- the report -------------------------------------------------------------------------
     def _eval_set(self):
         """Fixed validation examples: data, labels, noise and times spread over the valid range."""
         if getattr(self, "_eval", None) is None:
-            dm = self.trainer.datamodule
+            dm, n = self.trainer.datamodule, self.hparams.eval_examples
             if hasattr(dm, "validation_examples"):  # whole on every rank, whatever the number of processes
-                b = self.to_batch(dm.validation_examples(self.hparams.eval_examples))
-                x0, label = b.x0, b.cond.label
+                batches = [dm.validation_examples(n)]
             else:
-                xs, labels = [], []
+                batches, count = [], 0
                 for batch in dm.val_dataloader():
-                    b = self.to_batch(batch)
-                    xs.append(b.x0)
-                    labels.append(b.cond.label)
-                    if sum(len(x) for x in xs) >= self.hparams.eval_examples:
+                    batches.append(batch)
+                    count += len(self.to_batch(batch).x0)
+                    if count >= n:
                         break
-                x0 = torch.cat(xs)[: self.hparams.eval_examples]
-                label = None if labels[0] is None else torch.cat(labels)[: len(x0)]
+            parts = [self.to_batch(batch) for batch in batches]
+            x0 = torch.cat([b.x0 for b in parts])[:n]
+            label = None if parts[0].cond.label is None else torch.cat([b.cond.label for b in parts])[: len(x0)]
             gen = torch.Generator().manual_seed(0)
             lo, hi = self.objective.teacher.net.backbone.t_range
             t = lo + (hi - lo) * (torch.arange(len(x0), dtype=torch.float64) + 0.5) / len(x0)
@@ -194,10 +135,8 @@ class Realignment(AyfTask):
                 json.dump({"teacher": self.hparams.teacher, "before": self.history[0],
                            "after": self.history[-1], "history": self.history}, f, indent=1)
 
-    def on_save_checkpoint(self, checkpoint):
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ayf"]["label_dropout"] = 0.0
-        checkpoint["ayf"]["realignment"] = {"history": self.history}
+    def record_extras(self) -> dict:
+        return {"label_dropout": 0.0, "realignment": {"history": self.history}}
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)

@@ -227,7 +227,7 @@ def test_idx_reader(tmp_path):
 def test_folder_source_classes_from_subfolders(tmp_path):
     from PIL import Image
 
-    from ayf.make_shards import main as shards_main
+    from ayf.cli import main
 
     rng = np.random.default_rng(1)
     expected = {}
@@ -237,7 +237,7 @@ def test_folder_source_classes_from_subfolders(tmp_path):
             arr = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
             Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
             expected[(cls, i)] = arr.transpose(2, 0, 1)
-    assert shards_main(["folder", "--root", str(tmp_path / "imgs"), "--output", str(tmp_path / "s")]) == 0
+    assert main(["shards", "folder", "--root", str(tmp_path / "imgs"), "--output", str(tmp_path / "s")]) == 0
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert m["class_names"] == ["cat", "dog"] and m["shape"] == [3, 5, 4] and m["count"] == 6
     samples = read_all(str(tmp_path / "s"))
@@ -247,9 +247,9 @@ def test_folder_source_classes_from_subfolders(tmp_path):
 
 
 def test_digits_source_scales_to_full_range(tmp_path):
-    from ayf.make_shards import main as shards_main
+    from ayf.cli import main
 
-    assert shards_main(["digits", "--limit", "50", "--output", str(tmp_path / "d"), "--gzip"]) == 0
+    assert main(["shards", "digits", "--limit", "50", "--output", str(tmp_path / "d"), "--gzip"]) == 0
     m = json.loads((tmp_path / "d" / MANIFEST).read_text())
     assert m["count"] == 50 and m["shape"] == [1, 8, 8] and m["num_classes"] == 10
     x = torch.stack([s["x"] for s in read_all(str(tmp_path / "d"))])

@@ -5,8 +5,8 @@ import torch
 
 from ayf.cli import main
 from ayf.data import VectorData
+from ayf.data.points import DATASETS, make_points
 from ayf.errors import ConfigError
-from ayf.make_points import DATASETS, make_points
 
 
 def rows(n=50, d=3):

@@ -112,7 +112,7 @@ def test_the_multistep_recipe_is_adversarial_yaml_with_its_own_values(capsys):
                if adversarial.get(k) != multistep.get(k)}
     assert changed == {"trainer.max_steps": (4000, 10000),
                        "trainer.logger.init_args.name": ("adversarial", "adversarial_multistep"),
-                       "model.init_args.fake_steps_schedule.8000": (None, [1, 2, 4, 8, 8])}
+                       "model.init_args.adversary.init_args.fake_steps_schedule.8000": (None, [1, 2, 4, 8, 8])}
 
 
 def test_parsing_an_image_config_needs_no_data_on_disk(capsys):
@@ -122,11 +122,20 @@ def test_parsing_an_image_config_needs_no_data_on_disk(capsys):
     assert exit_.value.code == 0
 
 
-def test_top_level_help_names_subcommands(capsys):
+def test_top_level_help_names_every_subcommand_that_exists(capsys):
+    from ayf import commands
+
+    modules = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "ayf", "commands"))
+                     if f.endswith(".py") and not f.startswith("_") and f[:-3] not in commands.NOT_COMMANDS)
+    assert commands.names() == modules and {"sample", "convert", "shards", "points", "features", "upgrade"} <= set(modules)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "sample", "shards", "points", "features"):
-        assert f"  {sub} " in out
+    for sub in ("fit", "validate", "test", *modules):
+        assert re.search(rf"^  {sub} +\S", out, re.M), f"{sub} missing from ayf --help"
+        if sub in modules:  # and each one's own --help explains it
+            with pytest.raises(SystemExit) as exit_:
+                main([sub, "--help"])
+            assert exit_.value.code == 0 and f"usage: ayf {sub}" in capsys.readouterr().out
     assert main(["bogus"]) == 2
 
 
@@ -174,13 +183,13 @@ def test_ayf_test_uses_the_teacher_and_time_sampler_the_student_was_distilled_wi
     # given on the command line only, with another time sampler
     assert main(tiny(tmp_path, "teacher")) == 0
     typed = ["--model.teacher", "ayf.checkpoints.CheckpointTeacher", "--model.teacher.ckpt_path", last_ckpt(tmp_path, "teacher"),
-             "--model.time_sampler.init_args.p_mean", "0.5"]
+             "--model.objective.init_args.time_sampler.init_args.p_mean", "0.5"]
     assert main(tiny(tmp_path, "distill_emd", extra=typed)) == 0
     student = ["--ckpt_path", last_ckpt(tmp_path, "distill_emd")]
     capsys.readouterr()
     assert main(["test", *tiny(tmp_path, "distill_emd", extra=student)[1:]]) == 0
     out, err = capsys.readouterr()
-    assert "model.init_args.teacher" in err and "model.init_args.time_sampler.init_args.p_mean" in err
+    assert "model.init_args.teacher" in err and "model.init_args.objective.init_args.time_sampler.init_args.p_mean" in err
     assert main(["test", *tiny(tmp_path, "distill_emd", extra=[*typed, *student])[1:]]) == 0
     assert printed_test_loss(out) == printed_test_loss(capsys.readouterr().out)
     # a teacher typed on the command line still wins over the stored one
@@ -243,8 +252,8 @@ def test_sample_rejects_files_that_are_not_ayf_checkpoints(tmp_path, capsys):
 
 
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
-    assert main(tiny(tmp_path, "distill_emd", extra=["--model.objective", "sid"])) == 2
-    assert "unknown objective 'sid'" in capsys.readouterr().err
+    assert main(tiny(tmp_path, "distill_emd", extra=["--model.objective.init_args.weighting", "gap"])) == 2
+    assert "unknown weighting 'gap'" in capsys.readouterr().err
     three_d = '{"means": [[0, 0, 0]], "stds": [1], "weights": [1]}'
     assert main(tiny(tmp_path, "distill_emd", extra=["--model.teacher.init_args.mixture", three_d])) == 2
     err = capsys.readouterr().err

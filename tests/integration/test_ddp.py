@@ -94,7 +94,7 @@ def test_one_ddp_step_equals_one_process_step_on_the_combined_batch(ddp_steps, t
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(ddp_steps):
-    """nonfinite: skip under DDP: the decision is shared, so neither rank updates (and none hangs)."""
+    """skip_nonfinite under DDP: the decision is shared, so neither rank updates (and none hangs)."""
     for r in (0, 1):
         saved = torch.load(ddp_steps / f"skip_rank{r}.pt", weights_only=True)
         assert saved["skipped"] == 1
@@ -109,7 +109,7 @@ def read_ckpt(run_dir):
 
 
 def test_toy_distillation_runs_to_the_end_on_two_processes(tmp_path):
-    """The shipped EMD stage, with its callbacks (warmup, EMA, sample plot, checkpoints), validates
+    """The shipped EMD stage, with its callbacks (EMA, sample plot, checkpoints), validates
     twice and ends; the checkpoint carries the EMA and the figures exist."""
     ayf_ddp(toy_args(tmp_path, "distill_emd", "ddp", steps=6, extra=[*SMALL_NET, "--trainer.val_check_interval", "3"]),
             tmp_path)
@@ -134,7 +134,7 @@ def distilled(tmp_path_factory):
 def test_every_toy_stage_runs_to_the_end_on_two_processes(tmp_path, distilled, stage):
     extra = SMALL_NET
     if stage == "adversarial":  # 4 optimiser steps = 2 iterations, validation after each
-        extra = ["--model.distilled_ckpt", distilled, "--model.discriminator.init_args.width", "16",
+        extra = ["--model.student.init_args.ckpt_path", distilled, "--model.discriminator.init_args.width", "16",
                  "--trainer.val_check_interval", "1"]
     steps = 4 if stage == "adversarial" else 3
     ayf_ddp(toy_args(tmp_path, stage, "ddp", steps=steps, extra=extra), tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ayf.checkpoints import load_network
+from ayf.checkpoints import load_network, sampling_defaults
 from ayf.cli import main
 from ayf.nn import Cond
 from tests.toy_runs import SMALL_NET, fit_toy
@@ -23,12 +23,13 @@ def teachers(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["autoguidance", "cfg"])
 def test_guided_student_fits_tests_and_samples_at_any_lam(teachers, kind, tmp_path, capsys):
     _, strong, weak = teachers
-    extra = [*SMALL_NET, "--model.teacher.init_args.teacher.init_args.ckpt_path", strong]
+    extra = ["--model.teacher.init_args.teacher.init_args.ckpt_path", strong]  # the student is built on it
     if kind == "autoguidance":
         extra += ["--model.teacher.init_args.weak.init_args.ckpt_path", weak]
     student = fit_toy(tmp_path, f"distill_{kind}", kind, 3, extra)
     net, meta = load_network(student)
-    assert net.guidance_input and meta["sample_guidance"] == 2.0  # the middle of [1, 3]
+    assert net.guidance_input and sampling_defaults(meta)["guidance"] == 2.0  # the middle of [1, 3]
+    assert net.backbone.blocks[0].fc1.weight.shape[0] == 16  # the small teacher's width
     # ayf test with --guidance: validation loss at the chosen scale
     assert main(["test", "--config", f"configs/toy/distill_{kind}.yaml", "--ckpt_path", student,
                  "--guidance", "2.5", "--trainer.default_root_dir", str(tmp_path),
@@ -68,7 +69,7 @@ def test_guidance_given_to_an_unguided_model_is_a_one_line_error(teachers, capsy
 def test_adversarial_stage_through_the_cli(tmp_path, capsys):
     distilled = fit_toy(tmp_path, "distill_emd", "distill_emd", 3, SMALL_NET)
     # 4 optimiser steps = 2 iterations; validation (with its sample plot) after each iteration
-    adv = fit_toy(tmp_path, "adversarial", "adversarial", 4, ["--model.distilled_ckpt", distilled,
+    adv = fit_toy(tmp_path, "adversarial", "adversarial", 4, ["--model.student.init_args.ckpt_path", distilled,
                                                                "--model.discriminator.init_args.width", "16",
                                                                "--trainer.val_check_interval", "1"])
     assert len(glob.glob(str(tmp_path / "adversarial" / "version_0" / "samples" / "step_*.png"))) == 2
@@ -78,7 +79,7 @@ def test_adversarial_stage_through_the_cli(tmp_path, capsys):
     assert np.load(tmp_path / "a.npy").shape == (8, 2)
     # a teacher checkpoint is not a distilled flow map
     teacher = fit_toy(tmp_path, "teacher", "teacher", 2, SMALL_NET)
-    assert main(["fit", "--config", "configs/toy/adversarial.yaml", "--model.distilled_ckpt", teacher,
+    assert main(["fit", "--config", "configs/toy/adversarial.yaml", "--model.student.init_args.ckpt_path", teacher,
                  "--trainer.default_root_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "ayf: error:" in err and "FlowMatching checkpoint" in err and "Traceback" not in err

@@ -14,16 +14,16 @@ import torch
 import yaml
 
 from ayf.cli import main
-from tests.toy_runs import ROOT, SMALL_NET, shipped, toy_args
+from tests.toy_runs import ROOT, SMALL_NET, toy_args
 
 STEPS, EVERY = 60, 20
 
 
 def overlay(tmp, slow_steps):
-    """The shipped EMD stage's callbacks with a checkpoint every EVERY steps (all kept, and last),
-    and for the killed run a slow step."""
-    with open(shipped("toy", "distill_emd")) as fh:
-        callbacks = yaml.safe_load(fh)["trainer.callbacks"]
+    """The shipped toy callbacks (configs/toy/base.yaml) with a checkpoint every EVERY steps (all
+    kept, and last), and for the killed run a slow step."""
+    with open(os.path.join(ROOT, "configs", "toy", "base.yaml")) as fh:
+        callbacks = yaml.safe_load(fh)["trainer"]["callbacks"]
     for cb in callbacks:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"].update(every_n_train_steps=EVERY)

@@ -56,7 +56,7 @@ def test_half_a_run_then_a_resume_is_the_whole_run_bit_for_bit(tmp_path, stage, 
     if stage == "adversarial":
         # 12 optimiser steps = 6 iterations; the 256 points make 8 batches an epoch
         # (this task has no learning-rate schedule)
-        extra, steps, val_every = ["--model.distilled_ckpt", distilled, "--model.discriminator.init_args.width", "16"], 12, 3
+        extra, steps, val_every = ["--model.student.init_args.ckpt_path", distilled, "--model.discriminator.init_args.width", "16"], 12, 3
     else:
         # 10 steps: the first half stops in the middle of the first epoch, the second crosses into the next
         extra, steps, val_every = [*SMALL_NET, *SCHEDULE], 10, 5

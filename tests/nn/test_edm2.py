@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ayf.checkpoints import CheckpointTeacher, build_network, student_config
-from ayf.convert import convert_edm2
+from ayf.commands.convert import convert_edm2
 from ayf.errors import ConfigError
 from ayf.math.path import sigma_to_t, t_to_sigma
 from ayf.math.tangents import jvp_average_velocity

@@ -1,5 +1,6 @@
-"""The distillation objectives: the warmup r reaches the tangent, the tangent is normalised, and
-the condition (labels, lam) reaches the teacher and the student (docs/maths.md §3-§6)."""
+"""The distillation objectives: the warm-up r (a function of the training step) reaches the
+tangent, the tangent is normalised, and the condition (labels, lam) reaches the teacher and the
+student (docs/maths.md §3-§6)."""
 import pytest
 import torch
 
@@ -21,6 +22,13 @@ def nets(gen, classes=0, guidance_input=False):
     return NetTeacher(teacher, unconditional=True), student
 
 
+def bound(kind, teacher, **settings):
+    """An objective of class ``kind`` with the teacher handed to it, as a task does."""
+    objective = kind(**settings)
+    objective.bind(teacher)
+    return objective
+
+
 def inputs(gen, n=32):
     x0 = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     eps = torch.randn(n, 2, generator=gen, dtype=torch.float64)
@@ -39,29 +47,39 @@ def test_emd_tangent_is_affine_in_r_and_uses_it(gen):
     torch.testing.assert_close(g[0.5], (g[0.0] + g[1.0]) / 2, rtol=1e-10, atol=1e-12)
 
 
-def test_the_tasks_warmup_r_reaches_the_loss(gen):
+def test_the_warmup_follows_the_training_step_into_the_loss(gen):
     teacher, student = nets(gen)
-    task = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=0.0)
-    batch = {"x": torch.randn(64, 2, generator=gen, dtype=torch.float64)}
-    losses = []
-    for r in (0.0, 0.9):
-        task.tangent_r = r  # what the TangentWarmup callback sets
-        torch.manual_seed(1)  # the same (t, s) and noise for both
-        per, _ = task.objective(task.net, task.to_batch(batch), task.objective_state())
+    objective = bound(EMD, teacher, tangent_norm=0.0, warmup=1000)
+    batch = Batch(torch.randn(64, 2, generator=gen, dtype=torch.float64), Cond())
+    losses, ratios = [], []
+    for step in (0, 900, 5000):
+        torch.manual_seed(1)  # the same (t, s) and noise for each
+        per, stats = objective(student, batch, State(step=step))
         losses.append(per)
-    assert not torch.allclose(losses[0], losses[1]), "the warmup r does not reach the tangent"
+        ratios.append(float(stats["tangent_r"]))
+    assert ratios == pytest.approx([0.0, 0.9, 0.99])
+    assert not torch.allclose(losses[0], losses[1]), "the warm-up r does not reach the tangent"
+    assert bound(EMD, teacher, warmup=0).ratio(0) == 0.99  # no warm-up: r_max from the first step
+
+
+def test_the_task_hands_its_step_to_the_objective(gen):
+    teacher, student = nets(gen)
+    task = FlowMapDistillation(student, teacher, EMD(warmup=1000), init_from_teacher=False)
+    assert task.state().step == 0
+    task.checkpoint_step = 700  # ayf test: the schedules stand where the checkpoint's training left them
+    assert task.state().step == 700
 
 
 @pytest.mark.parametrize("kind", [EMD, LMD, Consistency])
 def test_the_loss_regresses_onto_the_normalised_tangent(gen, kind):
     teacher, student = nets(gen)
     c = 0.3
-    objective = kind(teacher, tangent_norm=c)
+    objective = bound(kind, teacher, tangent_norm=c)
     x0, eps, t, s = inputs(gen)
     if kind is Consistency:
         s = torch.zeros_like(s)
     r = torch.tensor(0.7, dtype=torch.float64)
-    per, stats = objective.compute(student, x0, Cond(), eps, t, s, r=r)
+    per, stats = objective.compute(student, x0, Cond(), eps, t, s, r)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
     _, g = objective.tangent(student, x_t, t, s, Cond(), r)
     norm = g.norm(dim=1)
@@ -73,61 +91,61 @@ def test_the_loss_regresses_onto_the_normalised_tangent(gen, kind):
 
 def test_consistency_trains_at_s_zero_only(gen):
     teacher, _ = nets(gen)
-    t, s = Consistency(teacher).pairs(torch.zeros(1000, 2))
+    t, s = bound(Consistency, teacher).pairs(torch.zeros(1000, 2))
     assert (s == 0).all() and (t > 0).all()
-    t, s = EMD(teacher).pairs(torch.zeros(1000, 2))
+    t, s = bound(EMD, teacher).pairs(torch.zeros(1000, 2))
     assert (s > 0).float().mean() > 0.5
 
 
 def test_the_objective_hands_labels_and_lam_to_teacher_and_student(gen):
     strong, student = nets(gen, classes=3, guidance_input=True)
     weak, _ = nets(torch.Generator().manual_seed(5), classes=3)
-    objective = EMD(GuidedTeacher(strong, weak), tangent_norm=0.0)
+    objective = bound(EMD, GuidedTeacher(strong, weak), tangent_norm=0.0, guidance_range=(1.5, 2.5))
     x0, eps, t, s = inputs(gen)
     label = torch.randint(3, (len(t),), generator=gen)
     r = torch.tensor(0.5, dtype=torch.float64)
 
     def loss(cond):
-        return objective.compute(student, x0, cond, eps, t, s, r=r)[0]
+        return objective.compute(student, x0, cond, eps, t, s, r)[0]
 
     base = Cond(label=label, lam=torch.full_like(t, 2.0))
     assert not torch.allclose(loss(base), loss(base.with_(label=(label + 1) % 3))), "the label is dropped"
     assert not torch.allclose(loss(base), loss(base.with_(lam=torch.full_like(t, 3.0)))), "lam is dropped"
     # the lam that draw() puts in the condition is the one the loss uses
-    objective.guidance_range = (1.5, 2.5)
-    cond, _ = objective.draw(Batch(x0, Cond(label=label)))
+    cond, _ = objective.draw(Batch(x0, Cond(label=label)), State())
     assert cond.lam.min() >= 1.5 and cond.lam.max() <= 2.5 and torch.equal(cond.label, label)
 
 
-def test_state_default_is_the_full_warmup():
-    assert State().r == 0.99
-
-
-@pytest.mark.parametrize("kind", [EMD, LMD])
-def test_shared_primal_gives_the_same_loss_and_gradient_with_one_forward_pass_fewer(gen, kind):
-    """shared_primal takes F from the JVP's own primal: same loss and parameter gradient as the
-    second forward pass (float64), and the student's forward runs once per step instead of twice."""
-    teacher, student = nets(gen)
+def test_the_student_reads_lam_where_the_guided_teacher_does_not_move_it(gen):
+    """A guided teacher whose weak model is the strong one gives the same velocity at every lam:
+    what lam changes in the loss then is the student's own guidance input, which the objective
+    must hand it (a student called without lam would make the loss blind to it)."""
+    strong, student = nets(gen, classes=3, guidance_input=True)
+    objective = bound(EMD, GuidedTeacher(strong, strong), tangent_norm=0.0)
     x0, eps, t, s = inputs(gen)
-    calls = []
-    student.register_forward_hook(lambda *_: calls.append(1))
-    results = {}
-    for shared in (False, True):
-        objective = kind(teacher, tangent_norm=0.1, weighting="inv_gap", shared_primal=shared)
-        calls.clear()
-        per, _ = objective.terms(student, x0, Cond(), eps, t, s, r=torch.tensor(0.7, dtype=torch.float64))
-        student.zero_grad()
-        per.mean().backward()
-        results[shared] = per.detach(), [p.grad.clone() for p in student.parameters()], len(calls)
-    (loss0, grads0, calls0), (loss1, grads1, calls1) = results[False], results[True]
-    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-14)
-    assert max(g.abs().max() for g in grads0) > 1e-3, "the check needs a non-zero gradient"
-    for a, b in zip(grads1, grads0, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert (calls0, calls1) == (2, 1), (calls0, calls1)
+    label = torch.randint(3, (len(t),), generator=gen)
+    r = torch.tensor(0.5, dtype=torch.float64)
+    base = Cond(label=label, lam=torch.full_like(t, 1.5))
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    torch.testing.assert_close(objective.teacher(x_t, t, base), objective.teacher(x_t, t, base.with_(lam=3 * base.lam)))
+    low = objective.compute(student, x0, base, eps, t, s, r)[0]
+    high = objective.compute(student, x0, base.with_(lam=3 * base.lam), eps, t, s, r)[0]
+    assert (low - high).abs().max() > 1e-4 * low.abs().max(), "the student's lam does not reach the loss"
 
 
-@pytest.mark.parametrize("pick", ["random", "longest"])
+def test_state_starts_at_step_zero():
+    assert State().step == 0
+
+
+class FirstPick(EMD):
+    """The two-jump target on the first examples of the batch (the hook that the ablation's
+    random pick overrides), so that a diagonal pair can be among them."""
+
+    def two_jump_examples(self, t, s, k):
+        return torch.arange(k)
+
+
+@pytest.mark.parametrize("pick", ["first", "longest"])
 def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen, pick):
     """semigroup: a share of the batch (its first examples, or its longest jumps) regresses onto
     the frozen student's two-jump map through the midpoint, normalised like the tangent
@@ -137,17 +155,17 @@ def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen, pick):
     c = 0.3
     x0, eps, t, s = inputs(gen)
     k = len(t) // 2
-    if pick == "random":
+    if pick == "first":
         chosen = torch.arange(len(t)) < k
         s[1] = t[1]  # a diagonal pair among the semigroup examples
     else:
         chosen = torch.zeros(len(t), dtype=torch.bool)
         chosen[torch.topk(t - s, k).indices] = True
     r = torch.tensor(0.7, dtype=torch.float64)
-    objective = FlowMapDistillation(student, teacher, init_from_teacher=False, tangent_norm=c, semigroup=0.5,
-                                    semigroup_pick=pick).objective
-    assert (objective.semigroup, objective.semigroup_pick) == (0.5, pick)
-    per, stats = objective.terms(student, x0, Cond(), eps, t, s, r=r)
+    kind = FirstPick if pick == "first" else EMD
+    objective = FlowMapDistillation(student, teacher, kind(tangent_norm=c, semigroup=0.5), init_from_teacher=False).objective
+    assert objective.semigroup == 0.5
+    per, stats = objective.terms(student, x0, Cond(), eps, t, s, r)
     student.zero_grad()
     per.mean().backward()
     grads = [p.grad.clone() for p in student.parameters()]
@@ -173,11 +191,12 @@ def test_the_semigroup_share_regresses_onto_the_two_jump_map(gen, pick):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_semigroup_settings_are_checked(gen):
-    teacher, _ = nets(gen)
+def test_settings_are_checked():
     with pytest.raises(ConfigError, match="share of the batch"):
-        EMD(teacher, semigroup=1.5)
+        EMD(semigroup=1.5)
     with pytest.raises(ConfigError, match="consistency"):
-        Consistency(teacher, semigroup=0.25)
-    with pytest.raises(ConfigError, match="semigroup_pick"):
-        EMD(teacher, semigroup=0.25, semigroup_pick="shortest")
+        Consistency(semigroup=0.25)
+    with pytest.raises(ConfigError, match="weighting"):
+        EMD(weighting="gap")
+    with pytest.raises(ConfigError, match="warmup"):
+        EMD(warmup=-1)

@@ -7,11 +7,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ayf.callbacks import EMA
-from ayf.checkpoints import read_checkpoint
+from ayf.checkpoints import CheckpointFlowMap, read_checkpoint
 from ayf.data import GaussianMixture
 from ayf.errors import AyfError, ConfigError
 from ayf.nn import Cond, MixtureTeacher, MLPDiscriminator
 from ayf.nn.discriminator import ImageDiscriminator, minibatch_std
+from ayf.objectives import EMD, RpGAN
 from ayf.tasks import AdversarialFinetuning
 from tests.toy_runs import SMALL_NET, fit_toy
 
@@ -26,9 +27,9 @@ def distilled(tmp_path_factory):
                                                             "--model.teacher.ckpt_path", teacher]), teacher
 
 
-def task_from(path, **kw):
-    kw.setdefault("lambda_adv", 1.0)
-    return AdversarialFinetuning(path, MixtureTeacher(MIX), MLPDiscriminator(2, 32, 2), **kw)
+def task_from(path, weights="ema", adversary=None, **kw):
+    return AdversarialFinetuning(CheckpointFlowMap(path, weights), MixtureTeacher(MIX), MLPDiscriminator(2, 32, 2),
+                                 adversary=adversary or RpGAN(lambda_adv=1.0), **kw)
 
 
 def data():
@@ -80,7 +81,7 @@ def test_starts_from_the_distilled_weights_and_continues_its_ema(tmp_path, disti
     task = task_from(distilled[0])
     for k, v in task.net.state_dict().items():
         assert torch.equal(v, ema_state[k])
-    raw = task_from(distilled[0], init_weights="raw")
+    raw = task_from(distilled[0], weights="raw")
     for k, v in raw.net.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"net.{k}"])
     ema = EMA(0.9)
@@ -140,9 +141,9 @@ def test_a_teacher_checkpoint_is_refused(distilled):
 
 def test_discriminator_must_match_the_flow_map(distilled):
     with pytest.raises(ConfigError, match="classes"):
-        AdversarialFinetuning(distilled[0], MixtureTeacher(MIX), MLPDiscriminator(2, 8, 1, num_classes=3))
+        AdversarialFinetuning(CheckpointFlowMap(distilled[0]), MixtureTeacher(MIX), MLPDiscriminator(2, 8, 1, num_classes=3))
     with pytest.raises(ConfigError, match="data shape"):
-        AdversarialFinetuning(distilled[0], MixtureTeacher(MIX), MLPDiscriminator(3, 8, 1))
+        AdversarialFinetuning(CheckpointFlowMap(distilled[0]), MixtureTeacher(MIX), MLPDiscriminator(3, 8, 1))
 
 
 def test_minibatch_std_matches_a_hand_computation():
@@ -167,31 +168,39 @@ def test_image_discriminator_projection_uses_the_label():
     assert len(d.blocks) == 2  # 16 -> 8 -> 4
 
 
-def test_fake_steps_follow_the_schedule_from_its_global_steps(distilled):
-    task = task_from(distilled[0], fake_steps=[1], fake_steps_schedule={8: [1, 2, 4], "4": [2]})
+def test_fake_steps_follow_the_schedule_from_its_global_steps():
+    adversary = RpGAN(fake_steps=[1], fake_steps_schedule={8: [1, 2, 4], "4": [2]})
     # two optimiser steps per iteration; each list is used in turn from the step it starts at
-    assert [task.fake_steps_at(g) for g in range(0, 16, 2)] == [1, 1, 2, 2, 1, 2, 4, 1]
-    assert task.fake_steps_at(9) == 1 and task.fake_steps_at(11) == 2
-    assert task_from(distilled[0], fake_steps=[1, 8]).fake_steps_at(3) == 8
-    assert task_from(distilled[0], fake_steps=[1], fake_steps_schedule={0: [2]}).fake_steps_at(0) == 2
+    assert [adversary.steps_at(g) for g in range(0, 16, 2)] == [1, 1, 2, 2, 1, 2, 4, 1]
+    assert adversary.steps_at(9) == 1 and adversary.steps_at(11) == 2
+    assert RpGAN(fake_steps=[1, 8]).steps_at(3) == 8
+    assert RpGAN(fake_steps=[1], fake_steps_schedule={0: [2]}).steps_at(0) == 2
 
 
 @pytest.mark.parametrize("kw", [{"fake_steps": []}, {"fake_steps_schedule": {10: [0]}},
                                 {"fake_steps_schedule": {-2: [1]}}, {"lambda_adv": -1.0}])
-def test_bad_fake_steps_or_weights_are_refused(distilled, kw):
+def test_bad_fake_steps_or_weights_are_refused(kw):
     with pytest.raises(ConfigError, match="fake_steps|lambda_adv"):
-        task_from(distilled[0], **kw)
+        RpGAN(**kw)
+
+
+def test_the_regression_term_has_no_warmup_by_default_and_no_consistency_objective(distilled):
+    assert task_from(distilled[0]).objective.ratio(0) == 0.99
+    from ayf.objectives import Consistency
+
+    with pytest.raises(ConfigError, match="not Consistency"):
+        task_from(distilled[0], objective=Consistency())
 
 
 def test_compile_runs_the_regression_term_compiled_and_matches_eager(distilled):
-    eager, compiled = task_from(distilled[0]), task_from(distilled[0], compile=True)
+    eager, compiled = task_from(distilled[0]), task_from(distilled[0], objective=EMD(compile=True))
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(64, 2, generator=gen), torch.randn(64, 2, generator=gen)
     t = torch.rand(64, generator=gen)
     s = t * torch.rand(64, generator=gen)
     torch._dynamo.reset()
-    want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, r=torch.tensor(0.5))
-    got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=torch.tensor(0.5))
+    want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, torch.tensor(0.5))
+    got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, torch.tensor(0.5))
     want_norm, got_norm = want_stats["tangent_norm"], got_stats["tangent_norm"]
     assert compiled.objective._compiled is not None and eager.objective._compiled is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -2,10 +2,11 @@ import lightning as L
 import pytest
 import torch
 
-from ayf.callbacks import EMA, TangentWarmup
+from ayf.callbacks import EMA
 from ayf.data import GaussianMixture
 from ayf.errors import ConfigError, NonFiniteLossError
 from ayf.nn import MLP, Cond, FlowMap, MixtureTeacher, Teacher
+from ayf.objectives import EMD, LMD, Consistency
 from ayf.tasks import FlowMapDistillation
 
 MIX = {"means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.3, 0.3], "weights": [0.5, 0.5]}
@@ -38,11 +39,11 @@ def trainer(tmp_path, steps=4, callbacks=()):
                      limit_val_batches=1, num_sanity_val_steps=0)
 
 
-@pytest.mark.parametrize("objective", ["emd", "lmd", "consistency"])
+@pytest.mark.parametrize("objective", [EMD, LMD, Consistency])
 def test_teacher_gets_no_gradient_and_is_absent_from_checkpoint(tmp_path, objective):
     teacher = NetTeacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    task = FlowMapDistillation(student(), teacher, objective=objective)
+    task = FlowMapDistillation(student(), teacher, objective=objective())
     seen = {}
 
     class Spy(L.Callback):
@@ -66,26 +67,31 @@ def test_teacher_gets_no_gradient_and_is_absent_from_checkpoint(tmp_path, object
     assert ckpt["state_dict"] and not [k for k in ckpt["state_dict"] if k.startswith("teacher")]
     assert ckpt["callbacks"]["EMA"]["ema"] is not None
     # a fresh task reloads the checkpoint (teacher keys filled from its own teacher)
-    again = FlowMapDistillation(student(), NetTeacher(), objective=objective, init_from_teacher=False)
+    again = FlowMapDistillation(student(), NetTeacher(), objective=objective(), init_from_teacher=False)
     again.load_state_dict(ckpt["state_dict"])
     torch.testing.assert_close(again.net.state_dict(), task.net.state_dict())
 
 
 def test_warmup_follows_global_step_after_resume(tmp_path):
-    task = FlowMapDistillation(student(), MixtureTeacher())
-    tr = trainer(tmp_path, steps=3, callbacks=[TangentWarmup(horizon=10)])
+    task = FlowMapDistillation(student(), MixtureTeacher(), EMD(warmup=10))
+    tr = trainer(tmp_path, steps=3)
     tr.fit(task, datamodule=data())
     tr.save_checkpoint(tmp_path / "a.ckpt")
-    task2 = FlowMapDistillation(student(), MixtureTeacher())
+    task2 = FlowMapDistillation(student(), MixtureTeacher(), EMD(warmup=10))
     seen = []
 
     class Spy(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.global_step, pl_module.tangent_r))
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, float(trainer.callback_metrics["train/tangent_r"])))
 
-    tr2 = trainer(tmp_path, steps=5, callbacks=[TangentWarmup(horizon=10), Spy()])
+    tr2 = trainer(tmp_path, steps=5, callbacks=[Spy()])
     tr2.fit(task2, datamodule=data(), ckpt_path=tmp_path / "a.ckpt")
-    assert seen[0][0] == 3 and seen[0][1] == pytest.approx(0.3)
+    assert seen[0][0] == 4 and seen[0][1] == pytest.approx(0.3)  # the batch of step 3 (global_step 4 after it)
+
+
+def test_the_default_objective_is_emd_with_the_papers_warmup():
+    task = FlowMapDistillation(student(), MixtureTeacher(MIX))
+    assert type(task.objective) is EMD and task.objective.warmup == 10_000 and task.objective.ratio(5000) == 0.5
 
 
 def test_mismatched_teacher_and_data_dimensions(tmp_path):
@@ -95,9 +101,9 @@ def test_mismatched_teacher_and_data_dimensions(tmp_path):
         trainer(tmp_path).fit(task, datamodule=data())
 
 
-def test_unknown_objective():
-    with pytest.raises(ConfigError, match="unknown objective 'sid'"):
-        FlowMapDistillation(student(), MixtureTeacher(MIX), objective="sid")
+def test_a_missing_teacher_is_named():
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        FlowMapDistillation(student())
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -122,7 +128,7 @@ def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves_or_in_val
     torch.manual_seed(0)
     teacher = NetTeacher()
     eager = FlowMapDistillation(student(), teacher)
-    compiled = FlowMapDistillation(student(), teacher, compile=True)
+    compiled = FlowMapDistillation(student(), teacher, EMD(compile=True))
     compiled.net.load_state_dict(eager.net.state_dict())
     x0 = torch.randn(64, 2)
     t = torch.rand(64)
@@ -132,11 +138,11 @@ def test_compiled_loss_matches_eager_and_does_not_recompile_as_r_moves_or_in_val
     with torch._dynamo.config.patch(error_on_recompile=True):
         for r in (0.0, 0.37, 0.99):
             rt = torch.tensor(r)
-            want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, r=rt)
-            got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=rt)
+            want, want_stats = eager.objective.compute(eager.net, x0, Cond(), eps, t, s, rt)
+            got, got_stats = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, rt)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got_stats["tangent_norm"], want_stats["tangent_norm"], rtol=1e-5, atol=1e-6)
         # validation runs without grad: eagerly, so it adds no second compilation
         with torch.no_grad():
-            got, _ = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, r=rt)
+            got, _ = compiled.objective.compute(compiled.net, x0, Cond(), eps, t, s, rt)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

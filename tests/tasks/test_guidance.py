@@ -7,6 +7,7 @@ from ayf.data import GaussianMixture
 from ayf.errors import ConfigError
 from ayf.math.guidance import guided_velocity
 from ayf.nn import MLP, NULL_LABEL, Cond, FlowMap, GuidedTeacher, Teacher
+from ayf.objectives import EMD
 from ayf.tasks import FlowMapDistillation, FlowMatching
 
 MIX = {"means": [[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], "stds": [0.3, 0.3, 0.3], "weights": [0.4, 0.3, 0.3]}
@@ -154,21 +155,21 @@ def test_student_and_teacher_must_agree_about_guidance():
     with pytest.raises(ConfigError, match="not guided"):
         FlowMapDistillation(guided_student(), NetTeacher())
     with pytest.raises(ConfigError, match="guidance_range"):
-        FlowMapDistillation(guided_student(), GuidedTeacher(NetTeacher()), guidance_range=[3.0, 1.0])
+        FlowMapDistillation(guided_student(), GuidedTeacher(NetTeacher()), EMD(guidance_range=[3.0, 1.0]))
 
 
 def test_guided_distillation_targets_the_guided_teacher_with_lam_held_fixed(monkeypatch):
     """The loss sees lam drawn in range, the teacher's guided velocity at that lam, and a JVP
     whose lam tangent is zero (a student whose output depends on lam only through a constant)."""
     strong, weak = NetTeacher(), NetTeacher(seed=2, width=8)
-    task = FlowMapDistillation(guided_student(), GuidedTeacher(strong, weak), guidance_range=[1.5, 2.5],
-                               tangent_norm=0.0, objective="emd")
+    task = FlowMapDistillation(guided_student(), GuidedTeacher(strong, weak),
+                               EMD(guidance_range=[1.5, 2.5], tangent_norm=0.0))
     seen = {}
     original = task.objective.terms
 
-    def spy(net, x0, cond, *drawn, r=None):
+    def spy(net, x0, cond, *drawn):
         seen["lam"] = cond.lam
-        return original(net, x0, cond, *drawn, r=r)
+        return original(net, x0, cond, *drawn)
 
     monkeypatch.setattr(task.objective, "terms", spy)
     batch = {"x": torch.randn(256, 2, dtype=torch.float64), "label": torch.randint(2, (256,))}
@@ -180,7 +181,7 @@ def test_guided_distillation_targets_the_guided_teacher_with_lam_held_fixed(monk
     t = torch.rand(8, dtype=torch.float64)
     label = Cond(label=torch.randint(2, (8,)))
     cond = label.with_(lam=torch.full((8,), 2.0, dtype=torch.float64))
-    per, _ = original(task.net, x0, cond, eps, t, t, r=torch.tensor(1.0, dtype=torch.float64))
+    per, _ = original(task.net, x0, cond, eps, t, t, torch.tensor(1.0, dtype=torch.float64))
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
     gap = strong(x_t, t, label) - (2 * strong(x_t, t, label) - weak(x_t, t, label))
     torch.testing.assert_close(per, gap.pow(2).mean(1), rtol=1e-10, atol=1e-12)

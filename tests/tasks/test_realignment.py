@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from ayf.checkpoints import CheckpointTeacher
-from ayf.convert import convert_edm2
+from ayf.commands.convert import convert_edm2
 from ayf.errors import ConfigError
+from ayf.metrics.realignment import velocity_error
 from ayf.nn import Cond
-from ayf.objectives import Batch
+from ayf.nn.edm2 import realigned_config
+from ayf.objectives import Batch, State
 from ayf.tasks import Realignment
-from ayf.tasks.realignment import realigned_config, velocity_error
 from tests.edm2_runs import fixture
 
 
@@ -36,9 +37,12 @@ def eval_set(teacher, n=256, seed=0):
     return x0, Cond(label=torch.randint(0, 3, (n,), generator=g)), torch.randn(x0.shape, generator=g), t
 
 
-def step(task, opt, x0, cond):
+EMBEDDING, FINETUNE = State(step=0), State(step=10**6)  # before and after the embedding phase
+
+
+def step(task, opt, x0, cond, state):
     opt.zero_grad()
-    per, _ = task.objective(task.net, Batch(x0, cond))
+    per, _ = task.objective(task.net, Batch(x0, cond), state)
     per.mean().backward()
     opt.step()
     return per.mean().item()
@@ -65,9 +69,8 @@ def test_embedding_phase_trains_only_the_new_embedding_and_brings_the_velocity_t
     x0, cond, eps, t = eval_set(teacher)
     err0 = velocity_error(task.net, teacher, x0, cond, eps, t)["velocity_rel_error"]
     opt = torch.optim.Adam(task.net.parameters(), lr=3e-3)
-    task.objective.phase = "embedding"
     for _ in range(400):
-        step(task, opt, x0[:64], cond[:64])
+        step(task, opt, x0[:64], cond[:64], EMBEDDING)
     report = velocity_error(task.net, teacher, x0, cond, eps, t)
     assert report["velocity_rel_error"] < 0.01 and err0 > 10 * report["velocity_rel_error"], (err0, report)
     assert len(report["bins"]) == 4 and report["bins"][0]["t"][0] == pytest.approx(float(t.min()))
@@ -81,14 +84,12 @@ def test_finetune_phase_moves_the_whole_network_toward_the_original(teacher_ckpt
     teacher = task.objective.teacher
     x0, cond, eps, t = eval_set(teacher)
     opt = torch.optim.Adam(task.net.parameters(), lr=3e-3)
-    task.objective.phase = "embedding"
     for _ in range(100):
-        step(task, opt, x0[:64], cond[:64])
+        step(task, opt, x0[:64], cond[:64], EMBEDDING)
     mid = velocity_error(task.net, teacher, x0, cond, eps, t)["velocity_rel_error"]
     before = {k: v.clone() for k, v in task.net.state_dict().items()}
-    task.objective.phase = "finetune"
     for _ in range(100):
-        step(task, opt, x0[:64], cond[:64])
+        step(task, opt, x0[:64], cond[:64], FINETUNE)
     after = velocity_error(task.net, teacher, x0, cond, eps, t)["velocity_rel_error"]
     changed = {k.split(".")[2] for k, v in task.net.state_dict().items() if not torch.equal(v, before[k])}
     assert {"enc", "dec", "out_conv"} <= changed, changed  # not only the embedding

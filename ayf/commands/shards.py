@@ -1,4 +1,8 @@
-"""``ayf shards``: turn an image dataset into WebDataset shards with a manifest."""
+"""Write an image dataset as WebDataset shards with a manifest.
+
+Size-capped .tar shards plus manifest.json (count, shape, classes, per-channel mean/std). Images
+are stored as uint8 arrays, bit-exactly.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +19,10 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ayf shards",
-        description="Write an image dataset as size-capped WebDataset .tar shards plus manifest.json "
-        "(count, shape, classes, per-channel mean/std). Images are stored as uint8 arrays, bit-exactly.",
+        prog=prog,
+        description=__doc__,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -62,8 +65,7 @@ def make_source(args) -> Source:
     return Source(None, class_names=classes, paths=items, channels=args.channels)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     manifests = write_dataset(
         make_source(args), args.output, val_fraction=args.val_fraction, seed=args.seed, pad=args.pad,
         limit=args.limit, overwrite=args.overwrite, max_bytes=int(args.max_size_mb * (1 << 20)), gzip=args.gzip,

@@ -1,4 +1,9 @@
-"""``ayf sample``: draw samples from a checkpoint to a ``.npy`` file or a PNG grid."""
+"""Draw samples from a checkpoint to a .npy file or a PNG grid.
+
+A flow-map checkpoint (FlowMapDistillation, AdversarialFinetuning) samples with the flow map
+(gamma-sampling optional), with the solver, gamma and guidance scale of its training run unless
+given; a teacher checkpoint (FlowMatching, Realignment, `ayf convert`) needs --solver euler or heun.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, load_network
+from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, load_network, sampling_defaults
 from ayf.errors import ConfigError
 from ayf.figures import save_png
 from ayf.nn.cond import Cond
@@ -15,13 +20,8 @@ from ayf.nn.teachers import velocity_teacher
 from ayf.sampling import SOLVERS, generate_batched, make_grid
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ayf sample",
-        description="Draw samples from an ayf checkpoint. A flow-map checkpoint (FlowMapDistillation, AdversarialFinetuning) samples "
-        "with the flow map (gamma-sampling optional); a FlowMatching (teacher) checkpoint needs "
-        "--solver euler or heun.",
-    )
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `ayf fit`")
     p.add_argument("--output", required=True, help="where to write the samples: .npy (model units), or .png "
                    "(images only: a tiled grid, one class per column with --label all)")
@@ -72,22 +72,18 @@ def class_labels(arg, num_classes: int, n: int):
     return torch.full((n,), int(arg), dtype=torch.long)
 
 
-def main(argv) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
     grid = make_grid(steps=args.steps, grid=[float(v) for v in args.grid.split(",")] if args.grid else None)
     if args.scale < 0:
         raise ConfigError(f"--scale must be 0 (automatic) or a zoom >= 1, got {args.scale}")
-    net, meta = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, *TEACHER_KINDS))
-    solver = args.solver or ("flow_map" if meta["kind"] in FLOW_MAP_KINDS else None)
-    if solver is None:
-        raise ConfigError(f"{args.ckpt_path} is a FlowMatching (teacher) checkpoint: pass --solver euler or heun")
-    if solver == "flow_map" and not net.is_flow_map:
-        raise ConfigError(f"{args.ckpt_path} holds a velocity model, not a flow map: use --solver euler or heun")
-    gamma = args.gamma if args.gamma is not None else (1.0 if meta.get("objective") == "consistency" else 0.0)
-    if not 0.0 <= gamma <= 1.0:
-        raise ConfigError(f"--gamma must lie in [0, 1], got {gamma}")
+    net, record = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, *TEACHER_KINDS))
+    if not net.is_flow_map and args.solver in (None, "flow_map"):
+        raise ConfigError(f"{args.ckpt_path} holds a velocity model (a {record['kind']} checkpoint), not a flow map: "
+                          "pass --solver euler or heun")
+    settings = sampling_defaults(record, solver=args.solver, gamma=args.gamma, guidance=args.guidance)
+    solver, gamma, lam = settings["solver"], settings["gamma"], settings["guidance"]
     shape = tuple(net.data_shape)
     png = args.output.lower().endswith(".png")
     if png and len(shape) != 3:
@@ -99,12 +95,11 @@ def main(argv) -> int:
             raise ConfigError(f"--num_samples {args.num_samples} disagrees with the {len(noise)} rows of {args.noise}")
     else:
         noise = torch.randn(args.num_samples or 1000, *shape, generator=gen)
-    lam = args.guidance if args.guidance is not None else meta.get("sample_guidance")
     if net.is_flow_map:
         net.check_lam(lam)
         model = net
     else:  # a teacher: classifier-free guidance when asked
-        model = velocity_teacher(net, meta.get("label_dropout"), lam)
+        model = velocity_teacher(net, record.get("label_dropout"), lam)
         lam = lam if model.reads_lam else None
     cond = Cond.build(len(noise), label=class_labels(args.label, net.num_classes, len(noise)), lam=lam)
     samples = generate_batched(model.to(args.device), noise, grid, cond, solver=solver, gamma=gamma, generator=gen,

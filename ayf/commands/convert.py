@@ -1,4 +1,4 @@
-"""``ayf convert``: foreign weights -> an ayf teacher checkpoint (key maps and shape checks).
+"""Turn a foreign network into an ayf teacher checkpoint (key maps and shape checks).
 
 ``ayf convert edm2 EXPORT.pt --output TEACHER.ckpt`` reads the ``{"state_dict", "init_kwargs"}``
 file that a user exports from an EDM2 pickle (README, "Distil your own model") and writes a
@@ -13,8 +13,9 @@ import os
 
 import torch
 
-from ayf.checkpoints import CONVERTED_KIND, FORMAT
+from ayf.checkpoints import CONVERTED_KIND, make_record
 from ayf.errors import ConfigError
+from ayf.io import save_torch
 from ayf.nn.edm2 import EDM2Net
 from ayf.nn.flow_map import FlowMap
 
@@ -120,17 +121,17 @@ def convert_edm2(path: str, drop_logvar: bool = False, **ayf_kwargs) -> tuple:
               f"outside it the time input is {'clamped' if kwargs['out_of_range'] == 'clamp' else 'an error'}",
               *notes]
     ckpt = {"state_dict": {"net." + k: v for k, v in state.items()},
-            "ayf": {"format": FORMAT, "kind": CONVERTED_KIND, "net": config, "label_dropout": 0.0,
-                    "source": {"from": "edm2", "file": os.path.abspath(path), "logvar": logvar,
-                               "init_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
-                                               for k, v in dict(export["init_kwargs"]).items()}}}}
+            "ayf": make_record(CONVERTED_KIND, config, net.data_shape, "euler", label_dropout=0.0,
+                               source={"from": "edm2", "file": os.path.abspath(path), "logvar": logvar,
+                                       "init_kwargs": {k: (list(v) if isinstance(v, tuple) else v)
+                                                       for k, v in dict(export["init_kwargs"]).items()}})}
     return ckpt, report
 
 
-def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="ayf convert", description="Convert a foreign network into an ayf teacher "
-                                "checkpoint (for ayf sample --solver euler|heun, CheckpointTeacher, GuidedTeacher and "
-                                "a student's initialisation).")
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Convert a foreign network into an ayf teacher checkpoint (for "
+                                "ayf sample --solver euler|heun, CheckpointTeacher, GuidedTeacher and a student's "
+                                "initialisation).")
     sub = p.add_subparsers(dest="source", required=True)
     e = sub.add_parser("edm2", help="an EDM2 network exported as {state_dict, init_kwargs}",
                        description=f"Convert an EDM2 network. Export its ema network first: {EXPORT_HOWTO}")
@@ -142,13 +143,15 @@ def main(argv) -> int:
     e.add_argument("--out_of_range", choices=("clamp", "error"), default="clamp",
                    help="a time outside the range: clamp the time input (default) or raise an error")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
     ckpt, report = convert_edm2(args.export, drop_logvar=args.no_logvar, sigma_min=args.sigma_min,
                                 sigma_max=args.sigma_max, out_of_range=args.out_of_range)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save(ckpt, args.output)
+    save_torch(ckpt, args.output)
     for line in report:
         print(line)
     print(f"wrote {args.output}")

@@ -1,0 +1,188 @@
+"""``ayf fit | validate | test``: Lightning's CLI with ayf's tasks and data modules, its progress
+bar, atomic checkpoint files, one-line errors for settings that cannot run here, ``--ckpt_path
+last``, and ``--model.*`` options that survive ``--ckpt_path``."""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import sys
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar as AnyBar
+from lightning.pytorch.cli import LightningCLI
+
+from ayf.callbacks.progress import ProgressBar
+from ayf.checkpoints import refuse_old_layout
+from ayf.data.loaders import split_global_batch
+from ayf.errors import ConfigError
+from ayf.io import atomic_write
+from ayf.tasks.base import AyfTask
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with local files written by :func:`ayf.io.atomic_write`: a killed
+    run leaves each checkpoint file whole (the previous version, or the new one). Lightning's own
+    writer stages a file in the system's temporary folder and moves it, which is a copy, not a
+    rename, when that folder is on another file system (a container's bind mount, a tmpfs). ``ayf
+    fit`` uses it unless the config names another CheckpointIO; remote URLs go through Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(str(path).removeprefix("file://"), lambda fh: self.write(fh, buffer.getbuffer()))
+
+    def write(self, fh, data) -> None:
+        """Writes the serialised checkpoint to the open temporary file."""
+        fh.write(data)
+
+
+class AyfCLI(LightningCLI):
+    """LightningCLI with ayf's tasks and data modules in subclass mode. Adds ayf's progress bar
+    unless the config disables bars or names its own, and writes checkpoints atomically."""
+
+    def __init__(self, args=None):
+        super().__init__(AyfTask, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         args=args, auto_configure_optimizers=False, save_config_kwargs={"overwrite": False})
+
+    def _instantiate_trainer(self, config, callbacks):
+        listed = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, AnyBar) for c in listed):
+            callbacks = list(callbacks) + [ProgressBar()]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = plugins + [AtomicCheckpointIO()]
+        check_devices(config)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ValueError) as err:  # Lightning's word on an impossible setting
+            raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+        total = getattr(getattr(self, "datamodule", None), "global_batch_size", None)
+        if total is not None:  # it must split evenly over the processes and accumulated batches
+            split_global_batch(total, trainer.num_devices * trainer.num_nodes, trainer.accumulate_grad_batches)
+        return trainer
+
+    def parse_arguments(self, parser, args):
+        self.typed = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self):
+        # `--ckpt_path last` is the run's newest last.ckpt, continued in its own version folder; a
+        # checkpoint of an older ayf layout is refused first; Lightning drops `--model.*` options
+        # typed with --ckpt_path (Lightning-AI/pytorch-lightning#21455), so they are put back
+        sub = self.config.get("subcommand")
+        if sub is not None and self.config[sub].get("ckpt_path") == "last":
+            resolve_last_checkpoint(self.config[sub])
+        if sub is not None and self.config[sub].get("ckpt_path"):
+            refuse_old_layout(self.config[sub]["ckpt_path"])
+        before = self.config.clone()
+        super()._parse_ckpt_path()
+        if sub is not None and before != self.config:
+            keep_typed_model_args(before[sub], self.config[sub], self.typed)
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument(
+            "--guidance", type=Optional[float], default=None,
+            help="guidance scale lam for sampling in validation, plots and FidelityMetrics: a guided "
+            "flow map's condition, or classifier-free guidance of a teacher trained with label_dropout "
+            "(default: the model's sample_guidance)")
+
+    def _apply_guidance(self):
+        lam = self.config[self.subcommand].get("guidance")
+        if lam is not None:
+            self.model.set_sample_guidance(float(lam))
+
+    before_fit = before_validate = before_test = _apply_guidance
+
+
+def check_devices(trainer_config) -> None:
+    """One-line errors for device settings that cannot run here: FSDP without a GPU, and more
+    devices than this machine has (Lightning's own messages, which are tracebacks, cover the rest)."""
+    strategy, accelerator = str(trainer_config.get("strategy", "auto")), str(trainer_config.get("accelerator", "auto"))
+    devices = trainer_config.get("devices", "auto")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)
+    if strategy.startswith("fsdp") and on_cpu:
+        raise ConfigError(f"strategy {strategy} needs GPUs (accelerator gpu); this run is on CPU: use ddp there")
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(f"accelerator {accelerator}, but no GPU is visible here (torch.cuda.is_available() is False)")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        have = (os.cpu_count() or 1) if on_cpu else gpus
+        if devices > have:
+            raise ConfigError(f"devices {devices}, but this machine has {have} {'CPU cores' if on_cpu else 'GPUs'}")
+
+
+def resolve_last_checkpoint(cfg) -> None:
+    """``ckpt_path: last`` -> the newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the
+    config's logger (Lightning alone would look only in the new run's empty version folder, and
+    start from scratch). The resumed run writes to a new version folder, whose last.ckpt is then
+    the newest: a second interruption resumes from there."""
+    args = getattr(cfg.get("trainer.logger"), "init_args", None)
+    if args is None or getattr(args, "save_dir", None) is None:
+        raise ConfigError("--ckpt_path last needs the config's TensorBoardLogger (save_dir, name) to find the run; "
+                          "pass the checkpoint file instead")
+    pattern = os.path.join(args.save_dir, getattr(args, "name", None) or "lightning_logs", "version_*",
+                           "checkpoints", "last.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise ConfigError(f"--ckpt_path last: no checkpoint matches {pattern}; nothing to resume")
+    cfg["ckpt_path"] = found[-1]
+    print(f"ayf: resuming {found[-1]}", file=sys.stderr)
+
+
+# --- --model.* options typed with --ckpt_path ------------------------------------------------------
+# With --ckpt_path, LightningCLI replaces the model's arguments by the checkpoint's hyperparameters
+# and drops the --model.* options typed on the command line; these put them back and name the config
+# values that the checkpoint replaced. Remove once the installed Lightning makes typed arguments win.
+def typed_keys(argv, group="model"):
+    """Dotted keys of the ``--model...`` options in ``argv`` (``--model.lr=1`` and ``--model.lr 1``)."""
+    keys = []
+    for token in argv:
+        key = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        if key == group or key.startswith(group + "."):
+            keys.append(key)
+    return keys
+
+
+def stored_key(ns, key):
+    """``key`` as the parsed namespace ``ns`` stores it, or None: ``model.teacher.ckpt_path`` may be
+    stored as ``model.init_args.teacher.init_args.ckpt_path``."""
+    node, path = ns, []
+    for part in key.split("."):
+        fields = vars(node) if hasattr(node, "__dict__") else {}
+        if part not in fields and hasattr(fields.get("init_args"), "__dict__"):
+            path.append("init_args")
+            fields = vars(fields["init_args"])
+        if part not in fields:
+            return None
+        path.append(part)
+        node = fields[part]
+    return ".".join(path)
+
+
+def keep_typed_model_args(typed_ns, merged, argv):
+    """Puts the ``--model.*`` values of ``argv`` (as parsed into ``typed_ns``) back into ``merged``, the
+    config after the checkpoint's hyperparameters replaced them, and prints one note naming the
+    config-file values that the checkpoint's replaced."""
+    kept = []
+    for key in typed_keys(argv):
+        path = stored_key(typed_ns, key)
+        if path is not None:
+            merged[path] = typed_ns[path]
+            kept.append(path)
+    old, new = dict(typed_ns.model.items()), dict(merged.model.items())
+    replaced = [f"model.{k}" for k in old if k in new and old[k] != new[k]
+                and not any(f"model.{k}.".startswith(p + ".") for p in kept)]
+    if replaced:
+        print(f"ayf: note: the checkpoint's hyperparameters replace the config's {', '.join(sorted(replaced))}; "
+              "give --model.* options on the command line to change them", file=sys.stderr)

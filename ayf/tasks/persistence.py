@@ -1,0 +1,71 @@
+"""What a task keeps in its checkpoints and restores from them: its weights without the frozen
+teacher, plain hyperparameters, every rank's RNG state and the ``ayf`` record (written here, in
+one hook, by :func:`ayf.checkpoints.make_record`)."""
+from __future__ import annotations
+
+import torch
+
+from ayf.distributed import gather_objects, world
+from ayf.io import rng_state, set_rng_state
+
+#: where the frozen teacher sits in a task's state (never saved: the config names it)
+TEACHER_PREFIX = "objective.teacher."
+
+
+def _plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+class Persistence:
+    """Checkpoint hooks of :class:`ayf.tasks.AyfTask`; the task provides ``record()``."""
+
+    #: global_step of the checkpoint these weights came from (``ayf test`` reports it)
+    checkpoint_step = 0
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for key in [k for k in sd if k.startswith(TEACHER_PREFIX)]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        teacher = getattr(self.objective, "teacher", None)
+        if isinstance(teacher, torch.nn.Module):
+            for key, value in teacher.state_dict(prefix=TEACHER_PREFIX).items():
+                state_dict.setdefault(key, value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint):
+        # hparams hold config dicts under `ayf fit`, but live objects when a task is built in
+        # Python; keep only plain data so the checkpoint loads with torch.load(weights_only=True)
+        hp = checkpoint.get("hyper_parameters")
+        if hp:
+            checkpoint["hyper_parameters"] = {k: v for k, v in hp.items() if _plain(v)}
+        checkpoint["ayf_rng"] = gather_objects(self._trainer, rng_state())  # every rank's, for its own resume
+        checkpoint["ayf"] = self.record()
+
+    def on_load_checkpoint(self, checkpoint):
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
+        self._rng_to_restore = checkpoint.get("ayf_rng")
+
+    def on_train_start(self):
+        # a resumed run draws on from where the checkpointed one stood (restored here, after
+        # Lightning's own set-up, which must not be able to move the stream); the loader's
+        # position comes back through Lightning's loop state (ayf.data.loaders.ResumableLoader)
+        states = getattr(self, "_rng_to_restore", None)
+        rank, size = world(self.trainer)
+        if states:
+            set_rng_state(states[rank] if len(states) == size else states[0])
+        elif size > 1:
+            # every rank starts from the same seed, which would give all of them the same times and
+            # noise for their different examples: a stream per rank makes the global batch's draws
+            # independent, as one process's are (the weights agree anyway: DDP broadcasts rank 0's)
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+        self._rng_to_restore = None
