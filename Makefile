@@ -59,19 +59,19 @@ fashion-data: install  ## Fashion-MNIST shards (Debian package dataset-fashion-m
 	test -f data/fashion_mnist/val/manifest.json || $(BIN)/ayf shards idx --pad 2 --output data/fashion_mnist/val \
 	  --images $(FASHION)/t10k-images-idx3-ubyte.gz --labels $(FASHION)/t10k-labels-idx1-ubyte.gz
 
-bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD / KID / PR (CPU, about an hour)
+bench-images: digits-data  ## digits quality benchmark: teacher vs flow map FD / KID / PR (CPU)
 	$(BIN)/python benchmarks/images.py --dataset digits
 
 bench-throughput: install  ## U-Net training and sampling images/s (CPU, or the GPU when present)
 	$(BIN)/python benchmarks/throughput.py --precision fp32 bf16 bf16-jvp
 
-bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log-density, per-mode recall; CPU, ~15 min)
+bench-guidance: install  ## toy mixture: no guidance vs autoguidance vs CFG (log-density, per-mode recall; CPU)
 	$(BIN)/python benchmarks/guidance.py
 
 bench-adversarial: digits-data  ## digits: 1/2/4/8-step FD and recall before and after adversarial finetuning (CPU)
 	$(BIN)/python benchmarks/images.py --dataset digits --adversarial
 
-bench-ablation: install  ## toy mixture: one distillation choice at a time, 1/2/4/8-step exact-map distance (CPU, about 5 hours)
+bench-ablation: install  ## toy mixture: one distillation choice at a time, 1/2/4/8-step exact-map distance (CPU)
 	$(BIN)/python benchmarks/ablation.py
 
 clean:  ## remove run outputs (keeps .venv)

@@ -2,7 +2,8 @@
 
 Every cell distils the same learned teacher with `ayf fit --config configs/toy/distill_emd.yaml` for
 the same number of steps, with one choice changed from the base cell, plain AYF-EMD (CLI overrides,
-listed in CELLS, after PLAIN). From one fixed noise file it scores the 1/2/4/8-step samples against
+listed in CELLS, after PLAIN). Choices that ayf does not keep are subclasses in ablation_options.py,
+injected by class_path. From one fixed noise file it scores the 1/2/4/8-step samples against
 the exact PF-ODE map of the mixture: median and RMS distance, and the mean true log-density. Each
 cell runs with several seeds; the table gives the mean and the spread (half the range) over seeds.
 
@@ -38,7 +39,9 @@ from ayf.sampling import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (1, 2, 4, 8)
-SAMPLER = "--model.time_sampler.init_args."
+OBJECTIVE = "--model.objective.init_args."
+SAMPLER = OBJECTIVE + "time_sampler.init_args."
+TIME_SAMPLER = "--model.objective.init_args.time_sampler"
 
 # The mixture that the shipped configs and the tests use, and one that nothing was tuned on: eight
 # modes on two rings, unequal weights and widths.
@@ -55,30 +58,35 @@ MIXTURES = {
 LR_DECAY = ["--model.optimizer.init_args.lr", "0.001", "--model.lr_scheduler", "ayf.tasks.WarmupStableDecay",
             "--model.lr_scheduler.decay_start", "500", "--model.lr_scheduler.decay_steps", "2000"]
 
+# the (t, s) proposals other than the default, and the two-jump target on random examples (ablation_options.py)
+SORTED, INTERVAL, LONG_GAP = ([TIME_SAMPLER, f"ablation_options.{c}"] for c in ("SortedSampler", "IntervalSampler",
+                                                                                  "LongGapSampler"))
+RANDOM_PICK = ["--model.objective", "ablation_options.RandomPickEMD"]
+
 # name -> (what it varies, overrides of configs/toy/distill_emd.yaml)
 CELLS = {
     "base": ("plain AYF-EMD (the shipped config without semigroup)", []),
     # the (t, s) proposal
-    "prop_sorted": ("proposal: t, s independent logit-normal, sorted", [SAMPLER + "proposal", "sorted"]),
-    "prop_interval": ("proposal: gap logit-normal(0, 1), then its position", [SAMPLER + "proposal", "interval"]),
-    "prop_long_gap": ("proposal: 25% of pairs with gap ~ U(1/2, 1)", [SAMPLER + "proposal", "long_gap"]),
+    "prop_sorted": ("proposal: t, s independent logit-normal, sorted", SORTED),
+    "prop_interval": ("proposal: gap logit-normal(0, 1), then its position", INTERVAL),
+    "prop_long_gap": ("proposal: 25% of pairs with gap ~ U(1/2, 1)", LONG_GAP),
     # the shares of t = 1, s = 0 and s = t
     "t_one_0.3": ("share of t = 1: 0.3 (base 0.1)", [SAMPLER + "p_t_one", "0.3"]),
     "s_zero_0.3": ("share of s = 0: 0.3 (base 0.1)", [SAMPLER + "p_s_zero", "0.3"]),
     "diag_0": ("share of s = t: 0 (base 0.25)", [SAMPLER + "p_diagonal", "0.0"]),
     "diag_0.5": ("share of s = t: 0.5 (base 0.25)", [SAMPLER + "p_diagonal", "0.5"]),
     # the per-example weighting
-    "w_adaptive": ("weighting: adaptive (base none)", ["--model.weighting", "adaptive"]),
-    "w_gap": ("weighting: t - s", ["--model.weighting", "gap"]),
-    "w_inv_gap": ("weighting: 1 / (t - s + 0.05)", ["--model.weighting", "inv_gap"]),
+    "w_adaptive": ("weighting: adaptive (base none)", [OBJECTIVE + "weighting", "adaptive"]),
+    "w_gap": ("weighting: t - s", ["--model.objective", "ablation_options.GapEMD"]),
+    "w_inv_gap": ("weighting: 1 / (t - s + 0.05)", ["--model.objective", "ablation_options.InvGapEMD"]),
     # the tangent normalisation g / (||g|| + c)
-    "norm_c_1": ("tangent normalisation c = 1 (base 0.1)", ["--model.tangent_norm", "1.0"]),
-    "norm_off": ("no tangent normalisation (c = 0)", ["--model.tangent_norm", "0.0"]),
+    "norm_c_1": ("tangent normalisation c = 1 (base 0.1)", [OBJECTIVE + "tangent_norm", "1.0"]),
+    "norm_off": ("no tangent normalisation (c = 0)", [OBJECTIVE + "tangent_norm", "0.0"]),
     # optimisation
     "lr_3e-4": ("lr 3e-4 (base 1e-4)", ["--model.optimizer.init_args.lr", "0.0003"]),
     "lr_1e-3": ("lr 1e-3 (base 1e-4)", ["--model.optimizer.init_args.lr", "0.001"]),
-    "warmup_250": ("warmup H = 250 (base 1000)", [{"TangentWarmup": {"horizon": 250}}]),
-    "warmup_2500": ("warmup H = 2500 (base 1000)", [{"TangentWarmup": {"horizon": 2500}}]),
+    "warmup_250": ("warmup H = 250 (base 1000)", [OBJECTIVE + "warmup", "250"]),
+    "warmup_2500": ("warmup H = 2500 (base 1000)", [OBJECTIVE + "warmup", "2500"]),
     "ema_0.99": ("EMA decay 0.99 (base 0.999)", [{"EMA": {"decay": 0.99}}]),
     "ema_0.9999": ("EMA decay 0.9999 (base 0.999)", [{"EMA": {"decay": 0.9999}}]),
     # the network
@@ -86,37 +94,36 @@ CELLS = {
     "width_512": ("MLP width 512 at random init (the teacher is 256 wide)",
                   ["--model.net.init_args.backbone.init_args.width", "512", "--model.init_from_teacher", "false"]),
     # combinations of the choices above that helped one at a time
-    "long_gap_0.5": ("long_gap proposal with p_long = 0.5", [SAMPLER + "proposal", "long_gap", SAMPLER + "p_long", "0.5"]),
-    "long_gap_lr_3e-4": ("long_gap proposal and lr 3e-4",
-                         [SAMPLER + "proposal", "long_gap", "--model.optimizer.init_args.lr", "0.0003"]),
+    "long_gap_0.5": ("long_gap proposal with p_long = 0.5", [*LONG_GAP, SAMPLER + "p_long", "0.5"]),
+    "long_gap_lr_3e-4": ("long_gap proposal and lr 3e-4", [*LONG_GAP, "--model.optimizer.init_args.lr", "0.0003"]),
     # a high learning rate that decays: large moves early, small ones at the end
     "lr_1e-3_decay": ("lr 1e-3, linear decay to 0 over steps 500-2500", LR_DECAY),
-    "long_gap_lr_1e-3_decay": ("long_gap proposal, lr 1e-3 decaying to 0 over steps 500-2500",
-                               [SAMPLER + "proposal", "long_gap", *LR_DECAY]),
+    "long_gap_lr_1e-3_decay": ("long_gap proposal, lr 1e-3 decaying to 0 over steps 500-2500", [*LONG_GAP, *LR_DECAY]),
     "ema_power_0.05": ("power-function EMA, sigma_rel 0.05 (base: classic EMA 0.999)",
                        [{"EMA": {"decay": None, "sigma_rel": 0.05}}]),
     "long_gap_ema_power_0.05": ("long_gap proposal and the power-function EMA, sigma_rel 0.05",
-                                [SAMPLER + "proposal", "long_gap", {"EMA": {"decay": None, "sigma_rel": 0.05}}]),
+                                [*LONG_GAP, {"EMA": {"decay": None, "sigma_rel": 0.05}}]),
     # the student's own two-jump map as the target of a share of the batch (docs/maths.md §12)
-    "semigroup_0.25": ("a quarter of the batch on the two-jump (semigroup) target", ["--model.semigroup", "0.25"]),
-    "semigroup_0.5": ("half of the batch on the two-jump (semigroup) target", ["--model.semigroup", "0.5"]),
+    "semigroup_0.25": ("a quarter of the batch on the two-jump (semigroup) target",
+                       [*RANDOM_PICK, OBJECTIVE + "semigroup", "0.25"]),
+    "semigroup_0.5": ("half of the batch on the two-jump (semigroup) target", [*RANDOM_PICK, OBJECTIVE + "semigroup", "0.5"]),
     "long_gap_semigroup_0.25": ("long_gap proposal and a quarter of the batch on the two-jump target",
-                                [SAMPLER + "proposal", "long_gap", "--model.semigroup", "0.25"]),
+                                [*RANDOM_PICK, *LONG_GAP, OBJECTIVE + "semigroup", "0.25"]),
     "semigroup_longest_0.25": ("the longest quarter of each batch's jumps on the two-jump target (shipped)",
-                               ["--model.semigroup", "0.25", "--model.semigroup_pick", "longest"]),
+                               [OBJECTIVE + "semigroup", "0.25"]),
     "semigroup_longest_0.5": ("the longest half of each batch's jumps on the two-jump target",
-                              ["--model.semigroup", "0.5", "--model.semigroup_pick", "longest"]),
+                              [OBJECTIVE + "semigroup", "0.5"]),
 }
 DISTIL = os.path.join(ROOT, "configs", "toy", "distill_emd.yaml")
 # Every cell starts from plain AYF-EMD: the shipped config without its two-jump share (the shipped
 # config itself is the cell semigroup_longest_0.25); a cell's own overrides come after and win.
-PLAIN = ["--model.semigroup", "0", "--model.semigroup_pick", "random"]
+PLAIN = [OBJECTIVE + "semigroup", "0"]
 
 
 def cli_overrides(overrides, folder, name):
     """The CLI options of a cell. A dict ``{callback class name: {init arg: value}}`` changes a
-    callback of the config; Lightning's list of callbacks is replaced whole, so it is written out
-    (to ``folder/name.callbacks.yaml``) and layered with ``--config``."""
+    callback of the config (configs/toy/base.yaml's); Lightning's list of callbacks is replaced
+    whole, so it is written out (to ``folder/name.callbacks.yaml``) and layered with ``--config``."""
     args, changes = [], {}
     for item in overrides:
         if isinstance(item, dict):
@@ -124,8 +131,8 @@ def cli_overrides(overrides, folder, name):
         else:
             args.append(item)
     if changes:
-        with open(DISTIL) as fh:
-            callbacks = yaml.safe_load(fh)["trainer.callbacks"]
+        with open(os.path.join(ROOT, "configs", "toy", "base.yaml")) as fh:
+            callbacks = yaml.safe_load(fh)["trainer"]["callbacks"]
         for cb in callbacks:
             cb.setdefault("init_args", {}).update(changes.get(cb["class_path"].rsplit(".", 1)[-1], {}))
         path = os.path.join(folder, f"{name}.callbacks.yaml")

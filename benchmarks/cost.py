@@ -4,11 +4,10 @@ batch: wall time and peak memory, as ratios measured in one run.
     python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30] [--no_compile]
     python benchmarks/cost.py --semigroup 0.25        # + the two-jump target's cost (eager)
 
-The EMD step includes the teacher call, the JVP and the student's forward and backward pass; the
-`shared primal` rows take the student's prediction from the JVP's own forward pass instead of a
-second one (`shared_primal: true` on a task). The teacher has the student's architecture (a velocity
-FlowMap), as in real distillation. Both steps are timed eagerly and with their loss computation
-under torch.compile (what `compile: true` on a task does); each ratio compares like with like.
+The EMD step includes the teacher call, the JVP and the student's forward and backward pass. The
+teacher has the student's architecture (a velocity FlowMap), as in real distillation. Both steps
+are timed eagerly and with their loss computation under torch.compile (what `compile: true` on an
+objective does); each ratio compares like with like.
 Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
 the bytes autograd saves for the backward pass.
 
@@ -19,7 +18,6 @@ side by side, eagerly.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import time
@@ -65,11 +63,11 @@ def fm_loss(student, x0, t, eps):
     return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False, shared_primal=False):
+def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False):
     x_t = interpolate(x0, eps, t)
     with torch.no_grad():
         v = teacher.velocity(x_t, t)
-    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32, shared_primal=shared_primal)
+    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32)
     return flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
 
 
@@ -147,11 +145,9 @@ def main():
     t, s = TimePairSampler()(args.batch, device=device)
     eps = torch.randn_like(x0)
     r = torch.tensor(0.5, device=device)
-    emd_shared = functools.partial(emd_loss, shared_primal=True)
-    variants = [("eager", fm_loss, emd_loss), ("eager, shared primal", fm_loss, emd_shared)]
+    variants = [("eager", fm_loss, emd_loss)]
     if not args.no_compile:
-        variants += [("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss)),
-                     ("torch.compile, shared primal", torch.compile(fm_loss), torch.compile(emd_shared))]
+        variants += [("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; MLP width {args.width}, depth {args.depth}, batch {args.batch}")
     print("| mode | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | memory ratio |")
@@ -172,11 +168,13 @@ def main():
 
 def semigroup_table(student, teacher, opt, x0, t, s, eps, r, args):
     """The objective's EMD step, plain and with ``args.semigroup`` of the batch on the two-jump target."""
-    plain, two_jump = (EMD(NetTeacher(teacher), semigroup=p, semigroup_pick="longest") for p in (0.0, args.semigroup))
+    plain, two_jump = (EMD(semigroup=p) for p in (0.0, args.semigroup))
+    for objective in (plain, two_jump):
+        objective.bind(NetTeacher(teacher))
     device = x0.device
 
     def objective_step(objective):
-        return step(opt, lambda: objective.terms(student, x0, Cond(), eps, t, s, r=r)[0].mean())
+        return step(opt, lambda: objective.terms(student, x0, Cond(), eps, t, s, r)[0].mean())
 
     t_plain, t_two, ratio = measure_pair(lambda: objective_step(plain), lambda: objective_step(two_jump),
                                          args.repeats, device)

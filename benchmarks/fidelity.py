@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ayf.checkpoints import load_network
+from ayf.checkpoints import load_network, sampling_defaults
 from ayf.cli import main as ayf_main
 from ayf.math.samplers import sample_euler, sample_heun
 from ayf.math.times import time_grid
@@ -32,8 +32,8 @@ from ayf.sampling import generate
 
 RUNS = {  # name -> (config, extra CLI overrides)
     "emd": ("distill_emd", []),
-    "emd_fspace": ("distill_emd", ["--model.weighting", "f_space"]),
-    "emd_adaptive": ("distill_emd", ["--model.weighting", "adaptive"]),
+    "emd_fspace": ("distill_emd", ["--model.objective.init_args.weighting", "f_space"]),
+    "emd_adaptive": ("distill_emd", ["--model.objective.init_args.weighting", "adaptive"]),
     "lmd": ("distill_lmd", []),
     "consistency": ("distill_consistency", []),
     # the same global batch (1024) as `emd`, split over two CPU processes by DDP
@@ -82,8 +82,8 @@ def evaluate(out, names, n=4000, seed=123):
         if N >= 2:
             rows.append(dict(model="teacher Heun", N=N, **fidelity_row(oracle, sample_heun(v_fn, noise, time_grid(N // 2).float()), exact, reference)))
     for name in names:
-        net, meta = load_network(last_ckpt(out, name), kinds=("FlowMapDistillation",))
-        gamma = 1.0 if meta.get("objective") == "consistency" else 0.0
+        net, record = load_network(last_ckpt(out, name), kinds=("FlowMapDistillation",))
+        gamma = sampling_defaults(record)["gamma"]  # 1 for the consistency model
         for N in STEPS:
             x = generate(net, noise, N, gamma=gamma, generator=torch.Generator().manual_seed(seed))
             rows.append(dict(model=name, N=N, **fidelity_row(oracle, x, exact, reference)))

@@ -4,23 +4,22 @@ classifier-feature space of `ayf features fit` (FD, KID, precision, recall again
     python benchmarks/images.py --dataset digits                 # CPU, about an hour
     python benchmarks/images.py --dataset fashion_mnist          # needs a GPU
     python benchmarks/images.py --dataset fashion_mnist --teacher_args "--trainer.max_time 00:00:05:00" \
-        --student_args "--trainer.max_time 00:00:06:00" --callback_args "TangentWarmup.horizon=500"
+        --student_args "--trainer.max_time 00:00:06:00 --model.objective.init_args.warmup 500"
                                                                  # the same, cut to a time budget
     python benchmarks/images.py --dataset digits --eval_only     # re-evaluate existing checkpoints
-    python benchmarks/images.py --dataset digits --adversarial   # + adversarial finetuning (issue 4)
+    python benchmarks/images.py --dataset digits --adversarial   # + adversarial finetuning
     python benchmarks/images.py --dataset digits --guided 1.5,2  # + an autoguided student at lam 1.5 and 2
 
 Steps (each skipped when its output exists): shards (data/<dataset>), the feature extractor
 (data/<dataset>/features.pt), the teacher (configs/<dataset>/teacher.yaml), its evaluation at
 8/16/32/64 Euler and Heun steps, the EMD student (configs/<dataset>/distill_emd.yaml) and its
 evaluation at 1/2/4/8 steps. Runs go to --out; the table goes to <out>/results.md.
-Targets (issue 3): 4-step FD within 10% of the teacher's best, 1-step within 50%, and no
-degradation from 4 to 8 steps; with --adversarial they are checked for the finetuned flow map too.
+Targets: 4-step FD within 10% of the teacher's best, 1-step within 50%, and no degradation from 4
+to 8 steps; with --adversarial they are checked for the finetuned flow map too.
 
 With --adversarial, the student is then finetuned (configs/<dataset>/adversarial.yaml, extra
 overrides in --adv_args, run name --adv_name) and evaluated the same way; the before/after table
-goes to <out>/<adv_name>.md. Target (issue 4): 1-step FD at least 25% lower, recall down by less
-than 0.05.
+goes to <out>/<adv_name>.md. Target: 1-step FD at least 25% lower, recall down by less than 0.05.
 
 With --guided, an autoguided student (configs/<dataset>/distill_autoguidance.yaml: lam ~ U[1, 3],
 the weak model from the config, under --out) is trained and tested at each lam, with its guided
@@ -87,19 +86,24 @@ def test_once(config, out, name, ckpt, extra=()):
     return json.load(open(result))
 
 
+def stage_callbacks(config):
+    """The callback list that a stage config resolves to: its own, or that of the file it pulls in."""
+    cfg = yaml.safe_load(open(config))
+    callbacks = cfg.get("trainer.callbacks", (cfg.get("trainer") or {}).get("callbacks"))
+    if callbacks is None and isinstance(cfg.get("config"), str):
+        return stage_callbacks(os.path.join(os.path.dirname(os.path.abspath(config)), cfg["config"]))
+    return callbacks or []
+
+
 def edited_config(config, out, edits):
-    """``config`` with its callbacks' init_args edited (``{"TangentWarmup.horizon": "1000"}``), written to
-    ``<out>/configs/``; ``config`` itself when there are no edits. Its ``config:`` and ``data:`` files are kept by
-    absolute path."""
+    """``config`` with its callbacks' init_args edited (``{"FidelityMetrics.num_samples": "5000"}``),
+    written to ``<out>/configs/``; ``config`` itself when there are no edits. Its ``config:`` and
+    ``data:`` files are kept by absolute path."""
     if not edits:
         return config
     cfg = yaml.safe_load(open(config))
     here = os.path.dirname(os.path.abspath(config))
-    callbacks, source = cfg.get("trainer.callbacks"), config
-    while callbacks is None and isinstance(yaml.safe_load(open(source)).get("config"), str):
-        source = os.path.join(os.path.dirname(os.path.abspath(source)), yaml.safe_load(open(source))["config"])
-        callbacks = yaml.safe_load(open(source)).get("trainer.callbacks")  # from an included stage file
-    callbacks = cfg["trainer.callbacks"] = callbacks or []
+    callbacks = cfg["trainer.callbacks"] = stage_callbacks(config)
     for key, value in edits.items():
         cls, arg = key.rsplit(".", 1)
         hits = [c for c in callbacks if c["class_path"].split(".")[-1] == cls]
@@ -115,6 +119,13 @@ def edited_config(config, out, edits):
     with open(path, "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
     return path
+
+
+def resolved(config):
+    """The config as `ayf fit --print_config` resolves it (its layers and defaults)."""
+    done = subprocess.run([sys.executable, "-m", "ayf", "fit", "--config", config, "--print_config"], check=True,
+                          cwd=ROOT, capture_output=True, text=True)
+    return yaml.safe_load(done.stdout)
 
 
 def fit_and_test(config, out, name, extra=()):
@@ -140,7 +151,7 @@ def guided(dataset, configs, out, teacher_ckpt, lams):
     """Train the autoguided student and test it at each lam; returns the Markdown report.
     ``configs(name)`` is the path of the dataset's config ``name``."""
     config = configs("distill_autoguidance.yaml")
-    weak = yaml.safe_load(open(config))["model"]["init_args"]["teacher"]["init_args"]["weak"]["init_args"]["ckpt_path"]
+    weak = resolved(config)["model"]["init_args"]["teacher"]["init_args"]["weak"]["init_args"]["ckpt_path"]
     weak = os.path.join(out, os.path.relpath(weak, os.path.join("runs", dataset)))
     if not os.path.exists(weak):
         run("fit", "--config", configs("teacher.yaml"), *logged_under(out), *WEAK_FIT[dataset])
@@ -185,12 +196,12 @@ def main():
     p.add_argument("--adversarial", action="store_true", help="also finetune the student adversarially and compare")
     p.add_argument("--adv_name", default="adversarial", help="run name of the adversarial stage")
     p.add_argument("--adv_args", default="", help="extra `ayf fit` overrides of the adversarial stage, one string, split as a shell "
-                   "would (e.g. \"--model.fake_steps_schedule '{2000: [1, 2, 4, 8, 8]}'\")")
+                   "would (e.g. \"--model.adversary.init_args.fake_steps_schedule '{2000: [1, 2, 4, 8, 8]}'\")")
     p.add_argument("--teacher_args", default="", help="extra `ayf fit` overrides of the teacher, one string "
                    "(e.g. '--trainer.max_time 00:00:08:00' for a run that fits a time budget)")
     p.add_argument("--student_args", default="", help="extra `ayf fit` overrides of the EMD student, one string")
     p.add_argument("--callback_args", default="", help="edits of the configs' callbacks, space-separated "
-                   "Class.arg=value (e.g. 'TangentWarmup.horizon=1000 FidelityMetrics.num_samples=5000'); the "
+                   "Class.arg=value (e.g. 'FidelityMetrics.num_samples=5000 EMA.decay=0.9995'); the "
                    "edited configs are written to <out>/configs")
     p.add_argument("--guided", default="", help="comma-separated guidance scales: also train the autoguided student "
                    "and test it (with its guided teacher) at each")
@@ -213,7 +224,8 @@ def main():
                                          ["--model.teacher.init_args.ckpt_path", teacher_ckpt, *shlex.split(args.student_args)])
     if args.adversarial:
         _, adv = fit_and_test(config("adversarial.yaml"), out, args.adv_name,
-                              ["--model.distilled_ckpt", student_ckpt, "--model.teacher.init_args.ckpt_path", teacher_ckpt,
+                              ["--model.student.init_args.ckpt_path", student_ckpt,
+                               "--model.teacher.init_args.ckpt_path", teacher_ckpt,
                                "--trainer.logger.init_args.name", args.adv_name, *shlex.split(args.adv_args)])
         text = adversarial_report(args.dataset, student, adv, args.adv_name)
         print(text)

@@ -2,7 +2,7 @@
 step) and sampling (flow map at 1 and 4 steps), for the digits and Fashion-MNIST network sizes.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--sizes digits fashion_mnist] [--repeats 10] \
-        [--precision fp32 bf16] [--compile] [--shared_primal]
+        [--precision fp32 bf16] [--compile]
 
 The EMD step counts the teacher call, the no-grad JVP and the student's forward/backward; the
 teacher is a velocity U-Net of the same size. The FM step trains the same student network at
@@ -12,18 +12,14 @@ ratios of neighbouring calls (robust to a machine whose speed drifts); compare r
 same run.
 
 --precision bf16 runs every step under bfloat16 autocast (what Lightning's `precision: bf16-mixed`
-does) with the student's JVP in float32, as the distillation tasks do by default (jvp_float32);
+does) with the student's JVP in float32, as the distillation objectives do by default (jvp_float32);
 bf16-jvp runs the JVP under autocast too (jvp_float32: false). Their rows also give the relative
 error of the EMD tangent g against float32 on the same inputs, ||g_bf16 - g_fp32|| / ||g_fp32||,
 since the tangent is where low precision costs accuracy.
 
 --compile adds, for each precision, a row whose two training steps run their loss computation
-through torch.compile (what `compile: true` on a task does); compilation happens in the warm-up
-calls and is not timed. Its sampling columns are left empty.
-
---shared_primal adds, after each of those rows, one whose EMD step takes the student's prediction
-from the JVP's own forward pass instead of a second one (`shared_primal: true` on a task), marked
-`shared`; its flow-matching step is timed again beside it, and its sampling columns are empty.
+through torch.compile (what `compile: true` on an objective does); compilation happens in the
+warm-up calls and is not timed. Its sampling columns are left empty.
 """
 from __future__ import annotations
 
@@ -62,8 +58,6 @@ def main():
                    help="one row per size and precision; bf16 = bfloat16 autocast with a float32 JVP, "
                    "bf16-jvp = the JVP under autocast too")
     p.add_argument("--compile", action="store_true", help="also time the training steps under torch.compile")
-    p.add_argument("--shared_primal", action="store_true",
-                   help="also time the EMD step with the prediction taken from the JVP's primal (shared_primal)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -76,9 +70,8 @@ def main():
     for size in args.sizes:
         for precision in args.precision:
             for compiled in (False, True) if args.compile else (False,):
-                for shared in (False, True) if args.shared_primal else (False,):
-                    print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats, precision,
-                                     compiled, shared), flush=True)
+                print(bench_size(size, device, args.batch or BATCH[(size, device.type)], args.repeats, precision,
+                                 compiled), flush=True)
 
 
 def autocast(device, precision: str):
@@ -95,8 +88,7 @@ def in_precision(fn, device, precision):
     return wrapped
 
 
-def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp32", compiled: bool = False,
-               shared: bool = False) -> str:
+def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp32", compiled: bool = False) -> str:
     """One table row: training and sampling images/s of one network size in one precision."""
     cfg = SIZES[size]
     teacher = FlowMap(UNet(**cfg), s_embedding="none", num_classes=10).to(device).requires_grad_(False).eval()
@@ -115,24 +107,23 @@ def bench_size(size: str, device, batch: int, repeats: int, precision: str = "fp
         return student(x, tt, ss, cond)
 
     T_s = SimpleNamespace(velocity=lambda x, tt: teacher(x, tt, None, cond))
-    error = None if precision == "fp32" or shared else tangent_error(teacher, student, label, x0, t, s, eps, r, device,
-                                                                       precision)
+    error = None if precision == "fp32" else tangent_error(teacher, student, label, x0, t, s, eps, r, device, precision)
     torch._dynamo.reset()  # a fresh cache per row: shapes carried over from a row before would compile dynamic ones
     fm, emd = (torch.compile(fn, dynamic=False) if compiled else fn for fn in (fm_loss, emd_loss))
     jvp32 = precision == "bf16"
     t_fm, t_emd, ratio = measure_pair(in_precision(lambda: step(opt, fm, F_s, x0, t, eps), device, precision),
-                                      in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r, jvp32, shared),
+                                      in_precision(lambda: step(opt, emd, F_s, T_s, x0, t, s, eps, r, jvp32),
                                                    device, precision), repeats, device)
     student.eval()
     rate = {1: "-", 4: "-"}  # sampling is timed on the plain eager rows only
     with torch.no_grad():
-        for k in () if compiled or shared else (1, 4):
+        for k in () if compiled else (1, 4):
             grid = time_grid(k).to(device)
             took = measure(in_precision(lambda g=grid: sample_flow_map(F_s, eps, g), device, precision), repeats,
                            device)
             rate[k] = f"{batch / took:.0f}"
     params = sum(q.numel() for q in student.parameters()) / 1e6
-    mode = precision + (" compiled" if compiled else "") + (" shared" if shared else "")
+    mode = precision + (" compiled" if compiled else "")
     return (f"| {size} | {params:.2f}M | {batch} | {mode} | {batch / t_fm:.0f} | {batch / t_emd:.0f} | "
             f"{ratio:.2f} | {rate[1]} | {rate[4]} | "
             f"{'-' if error is None else f'{error:.2e}'} |")

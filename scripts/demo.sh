@@ -33,5 +33,5 @@ $AYF sample --ckpt_path "$teacher" --solver euler --steps 64 --noise "$DEMO/nois
 pairs+=("teacher Euler 64=$DEMO/teacher_euler64.npy")
 
 echo "== 4/4 metrics against the exact mixture"
-$PY -m ayf.metrics.toy --noise "$DEMO/noise.npy" --out "$DEMO" --samples "${pairs[@]}"
+$AYF toy --noise "$DEMO/noise.npy" --out "$DEMO" --samples "${pairs[@]}"
 echo "TensorBoard: .venv/bin/tensorboard --logdir $DEMO"

@@ -106,38 +106,3 @@ def write_report(out, name, rows, columns, panels, title, figure=None, floatfmt=
     print(table)
     print(f"figure: {path}")
     return table
-
-
-def main(argv=None) -> int:
-    """``python -m ayf.metrics.toy``: score sample files against the toy mixture's exact density."""
-    import argparse
-
-    import numpy as np
-
-
-    p = argparse.ArgumentParser(prog="python -m ayf.metrics.toy", description="Score .npy samples on the toy mixture: "
-                                "distance to the exact ODE solution from the same noise, mean true log-density, MMD.")
-    p.add_argument("--data", default="configs/toy/data.yaml", help="data config holding the mixture")
-    p.add_argument("--noise", required=True, help="the .npy noise the samples were drawn from")
-    p.add_argument("--samples", nargs="+", required=True, help="NAME=FILE.npy pairs")
-    p.add_argument("--out", required=True, help="folder for metrics.md, metrics.json and samples.png")
-    args = p.parse_args(argv)
-    oracle = load_mixture(args.data)
-    noise = torch.from_numpy(np.load(args.noise)).double()
-    exact = exact_endpoints(oracle, noise)
-    gen = torch.Generator().manual_seed(1)
-    reference = oracle.sample(len(noise), generator=gen)
-    rows = [dict(samples="data", **data_row(oracle, len(noise), exact, reference, gen))]
-    panels = {"data": reference}
-    for item in args.samples:
-        name, _, path = item.partition("=")
-        x = torch.from_numpy(np.load(path)).double()
-        rows.append(dict(samples=name, **fidelity_row(oracle, x, exact, reference)))
-        panels[name] = x
-    write_report(args.out, "metrics", rows, ["samples", "median_dist", "rms_dist", "mean_logp", "mmd"], panels,
-                 "toy mixture: data and flow-map samples", figure="samples.png")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

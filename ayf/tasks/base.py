@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from ayf.checkpoints import make_record, sampling_defaults
+from ayf.checkpoints import sampling_defaults
 from ayf.distributed import reset_run_dir
 from ayf.errors import ConfigError
 from ayf.nn.cond import Cond
@@ -172,21 +172,7 @@ class AyfTask(Persistence, L.LightningModule):
             kwargs.setdefault("batch_size", self._batch_size)
         super().log(name, value, *args, **kwargs)
 
-    # --- the record and sampling (callbacks, `ayf test`) ------------------------------------
-    def record(self) -> dict:
-        """The ``ayf`` record of this task's checkpoints."""
-        return make_record(self.kind, self.net_config(), self.net.data_shape, self.default_solver,
-                           getattr(self.objective, "sample_gamma", 0.0), self.sample_guidance, **self.record_extras())
-
-    def record_extras(self) -> dict:
-        """Plain data a task adds to its record."""
-        return {}
-
-    def net_config(self) -> Optional[dict]:
-        """The ``class_path``/``init_args`` config of :attr:`net` (None when built in Python)."""
-        net_cfg = self.hparams.get("net")
-        return net_cfg if isinstance(net_cfg, dict) else None
-
+    # --- sampling (callbacks, `ayf test`) ---------------------------------------------------
     def sampling_model(self, lam):  # pragma: no cover - abstract
         """``(model, lam)``: the model :meth:`generate` samples at guidance scale lam, and the lam
         its condition carries."""

@@ -3,8 +3,11 @@ teacher, plain hyperparameters, every rank's RNG state and the ``ayf`` record (w
 one hook, by :func:`ayf.checkpoints.make_record`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ayf.checkpoints import make_record
 from ayf.distributed import gather_objects, world
 from ayf.io import rng_state, set_rng_state
 
@@ -23,10 +26,24 @@ def _plain(value) -> bool:
 
 
 class Persistence:
-    """Checkpoint hooks of :class:`ayf.tasks.AyfTask`; the task provides ``record()``."""
+    """Checkpoint hooks of :class:`ayf.tasks.AyfTask`, and its record."""
 
     #: global_step of the checkpoint these weights came from (``ayf test`` reports it)
     checkpoint_step = 0
+
+    def record(self) -> dict:
+        """The ``ayf`` record of this task's checkpoints (and of its own sampling settings)."""
+        return make_record(self.kind, self.net_config(), self.net.data_shape, self.default_solver,
+                           getattr(self.objective, "sample_gamma", 0.0), self.sample_guidance, **self.record_extras())
+
+    def record_extras(self) -> dict:
+        """Plain data a task adds to its record."""
+        return {}
+
+    def net_config(self) -> Optional[dict]:
+        """The ``class_path``/``init_args`` config of :attr:`net` (None when built in Python)."""
+        net_cfg = self.hparams.get("net")
+        return net_cfg if isinstance(net_cfg, dict) else None
 
     def state_dict(self, *args, **kwargs):
         sd = super().state_dict(*args, **kwargs)
