@@ -1,5 +1,6 @@
 import contextlib
 import glob
+import json
 import os
 import re
 import subprocess
@@ -367,3 +368,19 @@ def test_best_ckpt_holds_the_step_of_the_lowest_validation_loss(tmp_path):
     # Lightning records the global step after the step; the logger the step of the validation
     assert best["global_step"] == min(val, key=val.get) + 1, (best["global_step"], val)
     assert os.path.exists(os.path.join(folder, "checkpoints", "last.ckpt"))
+
+
+def test_ayf_toy_scores_sample_files_against_the_exact_mixture(tmp_path, capsys):
+    from ayf.metrics.toy import exact_endpoints, load_mixture
+
+    oracle = load_mixture(os.path.join(ROOT, "configs", "toy", "data.yaml"))
+    noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    np.save(tmp_path / "exact.npy", exact_endpoints(oracle, noise.double()).float().numpy())
+    np.save(tmp_path / "noise_as_samples.npy", noise.numpy())
+    assert main(["toy", "--noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / "out"), "--samples",
+                 f"exact={tmp_path / 'exact.npy'}", f"noise={tmp_path / 'noise_as_samples.npy'}"]) == 0
+    rows = {r["samples"]: r for r in json.load(open(tmp_path / "out" / "metrics.json"))}
+    assert rows["exact"]["median_dist"] < 1e-5 < rows["noise"]["median_dist"]
+    assert rows["exact"]["mean_logp"] > rows["noise"]["mean_logp"]
+    assert (tmp_path / "out" / "samples.png").exists() and "| exact |" in capsys.readouterr().out
