@@ -259,7 +259,7 @@ def main():
 
 
 def quality_checks(results, best):
-    """Issue 3's targets for one flow map's ``results`` against the teacher's best FD."""
+    """The quality targets for one flow map's ``results`` against the teacher's best FD."""
     fm = {int(k.split("_")[-1]): v["fd"] for k, v in results.items()}
     checks = [
         ("4-step FD within 10% of the teacher's best", fm[4] <= 1.10 * best, f"{fm[4] / best:.2f}x"),

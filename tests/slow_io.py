@@ -6,6 +6,7 @@ import os
 import time
 
 import lightning as L
+
 from ayf.commands.lightning import AtomicCheckpointIO
 
 

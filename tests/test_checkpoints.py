@@ -174,3 +174,18 @@ def test_an_upgraded_adversarial_checkpoint_is_tested_by_the_adversarial_task(tm
                  "--model.teacher.init_args.teacher.init_args.ckpt_path", v2("teacher_cond.ckpt"),
                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
                  "--trainer.enable_progress_bar", "false", "--data.init_args.val_samples", "32"]) == 0
+
+
+def test_a_distilled_checkpoint_continues_as_the_student_of_a_new_distillation():
+    """CheckpointFlowMap as the `net` of FlowMapDistillation keeps its distilled weights (the
+    teacher's are not copied over them) unless init_from_teacher asks for it."""
+    from ayf.objectives import EMD
+
+    teacher = GuidedTeacher(CheckpointTeacher(v2("teacher_cond.ckpt")))
+    distilled = CheckpointFlowMap(v2("student_cfg.ckpt"))
+    kept = {k: v.clone() for k, v in distilled.state_dict().items()}
+    task = FlowMapDistillation(distilled, teacher, EMD())
+    assert all(torch.equal(v, kept[k]) for k, v in task.net.state_dict().items())
+    again = FlowMapDistillation(CheckpointFlowMap(v2("student_cfg.ckpt")), teacher, EMD(), init_from_teacher=True)
+    assert not all(torch.equal(v, kept[k]) for k, v in again.net.state_dict().items())
+    assert task.net_config() == read_checkpoint(v2("student_cfg.ckpt"))["ayf"]["net"]

@@ -5,6 +5,7 @@ from typing import Optional
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from ayf.checkpoints import CheckpointFlowMap
 from ayf.errors import ConfigError
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import Teacher
@@ -23,7 +24,8 @@ class FlowMapDistillation(FlowMapTask):
             (AYF-EMD, default), ``ayf.objectives.LMD`` (AYF-LMD) or ``ayf.objectives.Consistency``
             (s = 0 only, a continuous-time consistency model).
         init_from_teacher: copy the teacher's weights into the student before training (default:
-            when the teacher is a network).
+            when the teacher is a network and the net is not an ``ayf.checkpoints.CheckpointFlowMap``,
+            which continues from a distilled checkpoint's weights).
         optimizer: optimiser factory (default Adam, lr 1e-3).
         lr_scheduler: optional learning-rate scheduler factory, stepped every batch.
         sample_guidance: lam of validation, plots and ``ayf test`` for a guided teacher (default:
@@ -51,7 +53,7 @@ class FlowMapDistillation(FlowMapTask):
         self.attach(net, teacher, objective, sample_guidance)
         teacher_net = getattr(teacher, "net", None)
         if init_from_teacher is None:
-            init_from_teacher = isinstance(teacher_net, FlowMap)
+            init_from_teacher = isinstance(teacher_net, FlowMap) and not isinstance(net, CheckpointFlowMap)
         if init_from_teacher:
             if not isinstance(teacher_net, FlowMap):
                 raise ConfigError(f"init_from_teacher needs a network teacher; {type(teacher).__name__} has none "
