@@ -58,11 +58,28 @@ def sampling_defaults(record: dict, solver: Optional[str] = None, gamma: Optiona
     return out
 
 
+def describe(obj, path: str) -> Optional[str]:
+    """What a file that ayf read is, when it is not what was asked for, and the command that
+    handles it (None: nothing ayf knows)."""
+    if not isinstance(obj, dict):
+        return None
+    if {"state_dict", "init_kwargs"} <= set(obj):
+        return f"it is an EDM2 export; convert it into a teacher with `ayf convert edm2 {path} --output TEACHER.ckpt`"
+    if obj.get("kind") == "ayf-classifier":
+        return "it is a feature extractor of `ayf features fit`, which FidelityMetrics' extractor reads"
+    if isinstance(obj.get("ayf"), dict):
+        return f"it is an ayf {obj['ayf'].get('kind')} checkpoint"
+    if "pytorch-lightning_version" in obj:
+        return "it is a Lightning checkpoint without ayf's record (written by another program)"
+    return None
+
+
 def read_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = None) -> dict:
     """A checkpoint written by ``ayf fit`` or ``ayf convert``, on the CPU, in the current layout
     (tensors and plain data only; ``what``/``hint``: how errors name the file and what a missing
     one's message says to do)."""
-    ckpt = load_torch(path, what, lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", hint=hint)
+    ckpt = load_torch(path, what, lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", hint=hint,
+                      explain=describe)
     return upgrade(ckpt)
 
 
@@ -71,7 +88,7 @@ def refuse_old_layout(path: str) -> None:
     ``ayf fit/test --ckpt_path`` cannot resume; it names the command that converts it."""
     if not os.path.isfile(path):
         return
-    ckpt = load_torch(path, "checkpoint")
+    ckpt = load_torch(path, "checkpoint", explain=describe)
     if isinstance(ckpt, dict) and "ayf" in ckpt and not is_current(ckpt):
         stem, ext = os.path.splitext(path)
         raise CheckpointError(f"{path} was written by an older ayf; convert it with "

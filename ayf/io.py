@@ -49,22 +49,39 @@ def save_torch(obj, path: str) -> None:
 
 
 def load_torch(path: str, what: str, accept: Callable = lambda obj: True, writer: Optional[str] = None,
-               hint: Optional[str] = None):
+               hint: Optional[str] = None, explain: Optional[Callable] = None):
     """``torch.load`` on the CPU with ``weights_only=True`` (tensors and plain data only: no code
     in a file ever runs). A missing, unreadable or foreign file (``accept(obj)`` false) is a
     one-line CheckpointError; ``writer`` names the command that writes such files, ``hint`` what a
-    missing file's message tells the user to do (default: write one with ``writer``)."""
+    missing file's message tells the user to do (default: write one with ``writer``), and
+    ``explain(obj, path)`` what a foreign file is and which command handles it (or None)."""
     if not os.path.isfile(path):
         todo = hint or (f"write one with `{writer}`" if writer else "check the path")
-        raise CheckpointError(f"{what} not found: {path} ({todo})")
+        where = "" if os.path.isabs(path) else f" (from {os.getcwd()})"
+        raise CheckpointError(f"{what} not found: {path}{where} ({todo})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read {what} {path} as tensors and plain data: {type(err).__name__}: {first}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {unreadable(path, err)}") from None
     if not accept(obj):
-        raise CheckpointError(f"{path} is not an ayf {what}" + (f" (written by `{writer}`)" if writer else ""))
+        said = explain(obj, path) if explain is not None else None
+        raise CheckpointError(f"{path} is not an ayf {what}: " + (said or (f"write one with `{writer}`" if writer
+                                                                          else "no such file is written by ayf")))
     return obj
+
+
+def unreadable(path: str, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in the user's terms."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK"):  # torch.save's zip format, whose pickle refers to code
+        return ("it holds Python objects besides tensors and plain data (a whole pickled model?), and ayf never "
+                "runs code from a file; save the model's state_dict instead")
+    if head[:1] == b"\x80":  # a bare pickle
+        return ("it is a Python pickle, which ayf never unpickles (an EDM2 network .pkl? export its tensors and "
+                "convert them: `ayf convert edm2 --help`)")
+    first = (str(err).strip().splitlines() or [""])[0][:120]
+    return f"it is not a file that torch.save wrote ({type(err).__name__}: {first})"
 
 
 def rng_state() -> dict:

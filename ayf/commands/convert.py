@@ -40,6 +40,9 @@ def read_export(path: str) -> dict:
     except Exception:  # noqa: BLE001 - a pickle of classes, or not a torch file at all
         raise ConfigError(f"{path} is not a tensors-only export (ayf never unpickles network objects); "
                           f"{EXPORT_HOWTO}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("ayf"), dict):
+        raise ConfigError(f"{path} is already an ayf {obj['ayf'].get('kind')} checkpoint: use it as it is "
+                          f"(e.g. --model.teacher.init_args.ckpt_path {path}, or ayf sample --solver heun)")
     if not isinstance(obj, dict) or not {"state_dict", "init_kwargs"} <= set(obj):
         found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ConfigError(f"{path} must hold a dict with keys state_dict and init_kwargs, found {found}; {EXPORT_HOWTO}")

@@ -25,7 +25,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     oracle = load_mixture(args.data)
-    noise = torch.from_numpy(np.load(args.noise)).double()
+    noise = torch.from_numpy(np.load(args.noise, allow_pickle=False)).double()
     exact = exact_endpoints(oracle, noise)
     gen = torch.Generator().manual_seed(1)
     reference = oracle.sample(len(noise), generator=gen)
@@ -33,7 +33,7 @@ def run(args) -> int:
     panels = {"data": reference}
     for item in args.samples:
         name, _, path = item.partition("=")
-        x = torch.from_numpy(np.load(path)).double()
+        x = torch.from_numpy(np.load(path, allow_pickle=False)).double()
         rows.append(dict(samples=name, **fidelity_row(oracle, x, exact, reference)))
         panels[name] = x
     write_report(args.out, "metrics", rows, ["samples", "median_dist", "rms_dist", "mean_logp", "mmd"], panels,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ayf.checkpoints import FORMAT, is_current, upgrade
+from ayf.checkpoints import FORMAT, describe, is_current, upgrade
 from ayf.errors import ConfigError
 from ayf.io import load_torch, save_torch
 
@@ -24,7 +24,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def run(args) -> int:
     if os.path.exists(args.new) and not args.overwrite:
         raise ConfigError(f"{args.new} exists; pass --overwrite to replace it")
-    ckpt = load_torch(args.old, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit")
+    ckpt = load_torch(args.old, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", explain=describe)
     if is_current(ckpt):
         print(f"{args.old} is already in the current layout (format {FORMAT}); nothing written")
         return 0

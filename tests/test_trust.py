@@ -1,0 +1,110 @@
+"""No code from files: a pickle whose unpickling would write a marker file is handed to every entry
+point that reads a file, and never runs; each answers in one line, naming what the file is and the
+command that handles it where one does."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ayf.cli import main
+from ayf.errors import AyfError
+from tests.toy_runs import ROOT
+
+TOY = os.path.join(ROOT, "configs", "toy")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+class Planted:
+    """Unpickling it calls ``open(marker, "w")``: a file appears if any code in a file ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """``{name: path}`` of files that would run code, and the marker that would show it."""
+    marker = str(tmp_path / "code_ran")
+    files = {"torch": tmp_path / "planted.ckpt", "pickle": tmp_path / "planted.pkl", "npy": tmp_path / "planted.npy"}
+    torch.save({"ayf": {"kind": "FlowMatching"}, "state_dict": {}, "payload": Planted(marker)}, files["torch"])
+    with open(files["pickle"], "wb") as fh:
+        pickle.dump({"ema": Planted(marker)}, fh)  # what an EDM2 network .pkl is: a bare pickle
+    np.save(files["npy"], np.array([Planted(marker)], dtype=object), allow_pickle=True)
+    yield {k: str(v) for k, v in files.items()}, marker
+    assert not os.path.exists(marker), "code in a file ran"
+
+
+def one_line_error(capsys, argv):
+    capsys.readouterr()
+    code = main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ayf: error:")]
+    assert code == 2 and len(errors) == 1, errors
+    return errors[0]
+
+
+def fit_args(tmp_path, *extra, sub="fit"):
+    return [sub, "--config", os.path.join(TOY, "distill_emd.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "1", *extra]
+
+
+@pytest.mark.parametrize("kind", ["torch", "pickle"])
+def test_no_entry_point_runs_code_from_a_file(planted, tmp_path, capsys, kind):
+    files, _ = planted
+    path = files[kind]
+    said = {
+        "sample": one_line_error(capsys, ["sample", "--ckpt_path", path, "--output", str(tmp_path / "x.npy")]),
+        "fit --ckpt_path": one_line_error(capsys, fit_args(tmp_path, "--ckpt_path", path)),
+        "test --ckpt_path": one_line_error(capsys, fit_args(tmp_path, "--ckpt_path", path, sub="test")),
+        "teacher": one_line_error(capsys, fit_args(tmp_path, "--model.teacher", "ayf.checkpoints.CheckpointTeacher",
+                                                   "--model.teacher.ckpt_path", path)),
+        "student": one_line_error(capsys, ["fit", "--config", os.path.join(TOY, "adversarial.yaml"),
+                                           "--model.student.init_args.ckpt_path", path,
+                                           "--trainer.default_root_dir", str(tmp_path)]),
+        "convert": one_line_error(capsys, ["convert", "edm2", path, "--output", str(tmp_path / "t.ckpt")]),
+        "upgrade": one_line_error(capsys, ["upgrade", path, str(tmp_path / "new.ckpt")]),
+    }
+    for where, line in said.items():
+        assert path in line, (where, line)
+        if where != "convert":  # convert says how to export a network instead
+            assert ("Python objects" if kind == "torch" else "Python pickle") in line, (where, line)
+    if kind == "pickle":
+        assert "ayf convert edm2" in said["sample"]
+
+
+def test_the_python_entry_points_refuse_it_too(planted):
+    from ayf.checkpoints import CheckpointFlowMap, CheckpointTeacher
+    from ayf.metrics import ClassifierFeatures
+    from ayf.tasks import Realignment
+
+    files, _ = planted
+    for path in files["torch"], files["pickle"]:
+        for build in (CheckpointTeacher, CheckpointFlowMap, ClassifierFeatures, Realignment):
+            with pytest.raises(AyfError, match="never"):
+                build(path)
+
+
+def test_a_pickled_noise_file_is_refused(planted, tmp_path, capsys):
+    files, _ = planted
+    student = os.path.join(FIXTURES, "format2", "consistency.ckpt")
+    line = one_line_error(capsys, ["sample", "--ckpt_path", student, "--noise", files["npy"],
+                                   "--output", str(tmp_path / "x.npy")])
+    assert "noise file" in line
+
+
+def test_files_of_another_kind_are_named_with_the_command_that_handles_them(tmp_path, capsys):
+    export = os.path.join(FIXTURES, "edm2", "tiny_cond.pt")
+    line = one_line_error(capsys, ["sample", "--ckpt_path", export, "--solver", "euler",
+                                   "--output", str(tmp_path / "x.npy")])
+    assert "EDM2 export" in line and f"ayf convert edm2 {export}" in line
+    converted = os.path.join(FIXTURES, "format2", "teacher_cond.ckpt")
+    line = one_line_error(capsys, ["convert", "edm2", converted, "--output", str(tmp_path / "t.ckpt")])
+    assert "already an ayf FlowMatching checkpoint" in line
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "other.ckpt")
+    line = one_line_error(capsys, ["sample", "--ckpt_path", str(tmp_path / "other.ckpt"),
+                                   "--output", str(tmp_path / "x.npy")])
+    assert "Lightning checkpoint without ayf's record" in line
