@@ -241,14 +241,28 @@ def load_weights(net, state: dict, path: str) -> None:
         raise CheckpointError(f"{path}: weights do not fit the recorded network: {str(err).splitlines()[0]}") from None
 
 
-def load_network(path: str, use_ema: bool = True, kinds=None, what: str = "checkpoint", hint: str = None):
-    """``(net in eval mode, record)`` of a checkpoint. kinds: accepted task names (e.g.
-    :data:`TEACHER_KINDS`); what, hint: how errors name the file, and what a missing one's message says."""
-    ckpt = read_checkpoint(path, what, hint)
+def network_from(ckpt: dict, path: str, use_ema: bool = True, kinds=None):
+    """``(net in eval mode, record, source)`` of a read checkpoint; ``source`` says which file and
+    weights it is (the absolute path, the task kind, the step, EMA or trained weights)."""
     record = checked_record(ckpt, path, kinds)
     net = build_network(record["net"])
     load_weights(net, network_weights(ckpt, use_ema), path)
-    return net.eval(), record
+    return net.eval(), record, source_of(ckpt, path, use_ema)
+
+
+def source_of(ckpt: dict, path: str, use_ema: bool) -> str:
+    """Which file and weights a network came from: the absolute path, the task kind, the step,
+    EMA or trained weights."""
+    step = ckpt.get("global_step")
+    ema = use_ema and ema_weights(ckpt) is not None
+    return (f"{os.path.realpath(path)} ({ckpt['ayf'].get('kind')}" + ("" if step is None else f", step {step}")
+            + f", {'EMA' if ema else 'trained'} weights)")
+
+
+def load_network(path: str, use_ema: bool = True, kinds=None, what: str = "checkpoint", hint: str = None):
+    """``(net in eval mode, record)`` of a checkpoint. kinds: accepted task names (e.g.
+    :data:`TEACHER_KINDS`); what, hint: how errors name the file, and what a missing one's message says."""
+    return network_from(read_checkpoint(path, what, hint), path, use_ema, kinds)[:2]
 
 
 def student_config(teacher_config: dict, guidance_input: bool = False) -> dict:
@@ -275,15 +289,15 @@ class CheckpointFlowMap(FlowMap):
         if weights not in ("ema", "raw"):
             raise ConfigError(f"unknown weights {weights!r}; choose ema or raw")
         ckpt = read_checkpoint(ckpt_path, "flow-map checkpoint",
-                               hint="distil one with `ayf fit`, or pass its path as --model.student.init_args.ckpt_path")
-        record = checked_record(ckpt, ckpt_path, FLOW_MAP_KINDS)
-        config = record["net"]
+                               hint="distil it with `ayf fit`, or give its path")
+        config = checked_record(ckpt, ckpt_path, FLOW_MAP_KINDS)["net"]
         if config.get("class_path") != "ayf.nn.FlowMap":
             raise CheckpointError(f"{ckpt_path} records a {config.get('class_path')} network, not an ayf.nn.FlowMap")
         args = dict(config.get("init_args", {}))
         super().__init__(build_object(args.pop("backbone"), nn.Module), **args)
         load_weights(self, network_weights(ckpt, weights == "ema"), ckpt_path)
         self.net_config, self.ckpt_path = config, ckpt_path
+        self.source = source_of(ckpt, ckpt_path, weights == "ema")
         self.initial_ema = ema_weights(ckpt)
 
 
@@ -298,12 +312,14 @@ class CheckpointTeacher(NetTeacher):
     """
 
     def __init__(self, ckpt_path: str, use_ema: bool = True):
-        net, record = load_network(ckpt_path, use_ema=use_ema, kinds=TEACHER_KINDS, what="teacher checkpoint",
-                                   hint="train a teacher with `ayf fit`, or pass its path, e.g. "
-                                   "--model.teacher.init_args.ckpt_path PATH")
+        ckpt = read_checkpoint(ckpt_path, "teacher checkpoint", hint="train the teacher with `ayf fit`, or give its path")
+        net, record, self.source = network_from(ckpt, ckpt_path, use_ema, TEACHER_KINDS)
         super().__init__(net, unconditional=bool(record.get("label_dropout")))
         self.net_config = record["net"]
         self.ckpt_path = ckpt_path
+
+    def describe(self) -> list:
+        return [self.source]
 
 
 def teacher_net_config(teacher) -> Optional[dict]:

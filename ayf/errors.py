@@ -2,7 +2,13 @@
 
 
 class AyfError(Exception):
-    """Base class of errors caused by the user's input or configuration."""
+    """Base class of errors caused by the user's input or configuration. ``missing``: the path of a
+    file or folder that is not there, when that is the error (the CLI then names the config key
+    that holds it)."""
+
+    def __init__(self, *args, missing=None):
+        super().__init__(*args)
+        self.missing = missing
 
 
 class ConfigError(AyfError, ValueError):

@@ -58,7 +58,7 @@ def load_torch(path: str, what: str, accept: Callable = lambda obj: True, writer
     if not os.path.isfile(path):
         todo = hint or (f"write one with `{writer}`" if writer else "check the path")
         where = "" if os.path.isabs(path) else f" (from {os.getcwd()})"
-        raise CheckpointError(f"{what} not found: {path}{where} ({todo})")
+        raise CheckpointError(f"{what} not found: {path}{where}: {todo}", missing=path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error

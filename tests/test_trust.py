@@ -108,3 +108,48 @@ def test_files_of_another_kind_are_named_with_the_command_that_handles_them(tmp_
     line = one_line_error(capsys, ["sample", "--ckpt_path", str(tmp_path / "other.ckpt"),
                                    "--output", str(tmp_path / "x.npy")])
     assert "Lightning checkpoint without ayf's record" in line
+
+
+# --- every fit says what it read; stable pointers; absolute paths; no empty run folders -------------
+def tiny_toy(root, config, *extra):
+    return ["fit", "--config", os.path.join(TOY, f"{config}.yaml"), "--config", os.path.join(ROOT, "tests", "conf", "toy",
+            "tiny.yaml"), "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+            *extra]
+
+
+def test_a_fit_names_what_it_read_records_it_absolute_and_points_latest_at_itself(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("teachers")
+    shutil.copy(os.path.join(FIXTURES, "format2", "teacher_cond.ckpt"), "teachers/t.ckpt")
+    absolute = os.path.realpath("teachers/t.ckpt")
+    teacher = ["--model.teacher.init_args.teacher.init_args.ckpt_path", "teachers/t.ckpt"]  # typed relative
+    capsys.readouterr()
+    assert main(tiny_toy("runs", "distill_cfg", *teacher)) == 0
+    err = capsys.readouterr().err
+    assert f"ayf: teacher: {absolute} (FlowMatching, step 2, EMA weights)" in err
+    assert "ayf: weak: the teacher's own unconditional velocity" in err
+    ckpt = torch.load("runs/distill_cfg/latest/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["teacher"]["init_args"]["teacher"]["init_args"]["ckpt_path"] == absolute
+    assert os.readlink("runs/distill_cfg/latest") == "version_0"
+    assert main(tiny_toy("runs", "distill_cfg", *teacher)) == 0  # the stage again: latest follows it
+    assert os.readlink("runs/distill_cfg/latest") == "version_1"
+    # a fit that fails in its set-up leaves no version folder (and latest stays on the last good one)
+    capsys.readouterr()
+    assert main(tiny_toy("runs", "distill_cfg", *teacher, "--data.init_args.mixture.means",
+                         "[[0, 0, 0]]", "--data.init_args.mixture.stds", "[1]", "--data.init_args.mixture.weights",
+                         "[1]", "--data.init_args.classes", "null")) == 2
+    assert sorted(os.listdir("runs/distill_cfg")) == ["latest", "version_0", "version_1"]
+    # the student of a later stage reads it through latest, and says which run that was
+    assert main(tiny_toy("runs", "adversarial", "--model.student.init_args.ckpt_path",
+                         "runs/distill_cfg/latest/checkpoints/last.ckpt", "--model.teacher", "ayf.nn.GuidedTeacher",
+                         "--model.teacher.init_args.teacher", "ayf.checkpoints.CheckpointTeacher", *teacher,
+                         "--model.discriminator.init_args.width", "16", "--trainer.max_steps", "2")) == 0
+    assert os.path.realpath("runs/distill_cfg/version_1/checkpoints/last.ckpt") in capsys.readouterr().err
+
+
+def test_a_missing_file_names_the_config_key_that_points_at_it(tmp_path, capsys):
+    line = one_line_error(capsys, tiny_toy(tmp_path, "distill_autoguidance"))
+    assert "teacher checkpoint not found: runs/toy/teacher_cond/latest/checkpoints/last.ckpt" in line
+    assert line.endswith("--model.teacher.init_args.teacher.init_args.ckpt_path")

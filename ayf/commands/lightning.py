@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -16,11 +17,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar as AnyBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from ayf.callbacks.progress import ProgressBar
 from ayf.checkpoints import refuse_old_layout
 from ayf.data.loaders import split_global_batch
-from ayf.errors import ConfigError
+from ayf.errors import AyfError, ConfigError
 from ayf.io import atomic_write
 from ayf.tasks.base import AyfTask
 
@@ -88,6 +90,38 @@ class AyfCLI(LightningCLI):
         if sub is not None and before != self.config:
             keep_typed_model_args(before[sub], self.config[sub], self.typed)
 
+    def instantiate_classes(self):
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # noqa: BLE001 - name the config key of a file that is not there
+            cause = _first(err, AyfError)
+            missing = getattr(cause, "missing", None)
+            keys = holding(self.config.get(self.config.get("subcommand")), missing) if missing else []
+            if not keys:
+                raise
+            named = " and ".join(f"--{k}" for k in keys)
+            raise type(cause)(f"{cause}; the config names it in {named}", missing=missing) from None
+
+    def _run_subcommand(self, subcommand):
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_empty_run(self.trainer)
+            raise
+
+    def after_fit(self):
+        """After a finished fit, ``<save_dir>/<name>/latest`` points at this run's folder: the stable
+        path by which the next stage's recipe finds this one's checkpoints."""
+        trainer = self.trainer
+        if trainer.state.status != TrainerStatus.FINISHED or not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        run = os.path.abspath(trainer.log_dir)
+        link = os.path.join(os.path.dirname(run), "latest")
+        tmp = f"{link}.tmp{os.getpid()}"
+        os.symlink(os.path.basename(run), tmp)
+        os.replace(tmp, link)  # atomic: a reader sees the old run or the new one
+        print(f"ayf: {link} -> {os.path.basename(run)}", file=sys.stderr)
+
     def add_arguments_to_parser(self, parser):
         parser.add_argument(
             "--guidance", type=Optional[float], default=None,
@@ -101,6 +135,47 @@ class AyfCLI(LightningCLI):
             self.model.set_sample_guidance(float(lam))
 
     before_fit = before_validate = before_test = _apply_guidance
+
+
+#: what a run's folder holds before its first checkpoint, plot or result
+RUN_STARTUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
+
+
+def remove_empty_run(trainer) -> None:
+    """Removes the version folder of a run that failed before writing anything but its start-up
+    files (the config, TensorBoard's first events), so that it does not shift later version numbers.
+    A folder with anything else in it (a checkpoint, a figure, a report) is kept."""
+    if trainer is None or not trainer.is_global_zero or trainer.logger is None:
+        return
+    folder = getattr(trainer, "_ayf_run_dir", None) or getattr(trainer.logger, "log_dir", None)
+    if not folder or not os.path.isdir(folder):
+        return
+    files = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names]
+    if all(os.path.basename(f).startswith(RUN_STARTUP_FILES) for f in files):
+        shutil.rmtree(folder)
+
+
+def _first(err, kind):
+    """The first exception of ``kind`` in ``err``'s cause and context chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def holding(ns, value, prefix="") -> list:
+    """Dotted keys of a parsed config whose value is ``value``, as they are typed on the command
+    line (``model.teacher.init_args.weak.init_args.ckpt_path``: the model's own ``init_args`` left out)."""
+    keys = []
+    for key, item in (vars(ns).items() if hasattr(ns, "__dict__") else ()):
+        if item == value:
+            keys.append(prefix + key)
+        elif hasattr(item, "__dict__"):
+            keys += holding(item, value, f"{prefix}{key}.")
+    return [k.replace("model.init_args.", "model.", 1).replace("data.init_args.", "data.", 1) for k in keys]
 
 
 def check_devices(trainer_config) -> None:

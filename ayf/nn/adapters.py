@@ -104,6 +104,15 @@ class AdapterTeacher(Teacher):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError
 
+    def reads(self) -> str:
+        """What the adapter converts (its convention and schedule)."""
+        return type(self).__name__
+
+    def describe(self) -> list:
+        lo, hi = self.t_range
+        return [f"{self.reads()}; valid t in [{lo:.6g}, {hi:.6g}], outside it {self.out_of_range}; "
+                f"{'unconditional' if not self.num_classes else f'{self.num_classes} classes'}"]
+
 
 class DenoiserTeacher(AdapterTeacher):
     """An EDM / VE denoiser ``D(x; sigma) ~ E[x0 | x0 + sigma eps = x]`` (EDM, EDM2, k-diffusion).
@@ -126,6 +135,9 @@ class DenoiserTeacher(AdapterTeacher):
         t_range = (sigma_to_t(float(sigma_min)), sigma_to_t(float(sigma_max)))
         super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def reads(self) -> str:
+        return f"an EDM denoiser D(x; sigma), sigma in [{self.sigma_min:g}, {self.sigma_max:g}] (DenoiserTeacher)"
 
     def velocity(self, x, t, cond):
         x_sigma, sigma = edm_point(x, t)
@@ -183,6 +195,11 @@ class VPTeacher(AdapterTeacher):
         self.prediction = prediction
         self.schedule = schedule
         self._schedules = {schedule.device: schedule}
+        self.schedule_name = f"{beta_schedule}, {num_train_timesteps} steps" + (", zero terminal SNR"
+                                                                                if rescale_betas_zero_snr else "")
+
+    def reads(self) -> str:
+        return f"a VP model predicting {self.prediction}, {self.schedule_name} (VPTeacher)"
 
     @classmethod
     def from_scheduler_config(cls, model, config: dict, **kw) -> "VPTeacher":
@@ -265,6 +282,9 @@ class FlowTeacher(AdapterTeacher):
         if timestep_scale is None:
             timestep_scale = 1000.0 if convention == "flow_match_euler" else 1.0
         self.timestep_scale = float(timestep_scale)
+
+    def reads(self) -> str:
+        return f"a flow model, convention {self.convention}, timestep scale {self.timestep_scale:g} (FlowTeacher)"
 
     def velocity(self, x, t, cond):
         time = flow_native_time(t, self.convention, self.timestep_scale)

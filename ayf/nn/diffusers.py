@@ -62,6 +62,9 @@ def _diffusers():
 def load_model(path: str) -> nn.Module:
     """The diffusers model saved in the folder ``path`` (``config.json`` names its class)."""
     config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        where = "" if os.path.isabs(path) else f" (from {os.getcwd()})"
+        raise ConfigError(f"diffusers model folder not found: {path}{where}", missing=path)
     if not os.path.isfile(config_file):
         raise ConfigError(f"{path}: not a diffusers model folder (no config.json); save one with model.save_pretrained(folder)")
     with open(config_file) as f:
@@ -129,7 +132,7 @@ class DiffusersBackbone(nn.Module):
         super().__init__()
         if out_of_range not in OUT_OF_RANGE:
             raise ConfigError(f"out_of_range must be one of {', '.join(OUT_OF_RANGE)}, got {out_of_range!r}")
-        path = model if isinstance(model, (str, os.PathLike)) else None
+        path = os.path.abspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.model = load_model(str(path)) if path is not None else model
         kind = type(self.model).__name__
         if kind not in MODELS:
@@ -173,8 +176,9 @@ class DiffusersBackbone(nn.Module):
         elif context is not None:
             raise ConfigError(f"{kind} has no cross-attention input: leave out context")
         self.register_buffer("context", context_tensor, persistent=False)
-        self.adapter = adapter_for(read_scheduler_config(scheduler, None if path is None else str(path)),
-                                   self._call, out_of_range=out_of_range, data_shape=self.data_shape,
+        scheduler_config = read_scheduler_config(scheduler, None if path is None else str(path))
+        self.folder, self.scheduler_kind = path, scheduler_config.get("_class_name")
+        self.adapter = adapter_for(scheduler_config, self._call, out_of_range=out_of_range, data_shape=self.data_shape,
                                    num_classes=self.num_classes, unconditional=null_label is not None)
 
     @property
@@ -235,6 +239,8 @@ class DiffusersTeacher(NetTeacher):
 
     def __init__(self, model: str, scheduler: Optional[str] = None, context: Optional[str] = None,
                  null_label: Optional[int] = None, out_of_range: str = "clamp", math_attention: bool = True):
+        # recorded absolute, so that a student built on it samples from any working directory
+        model, scheduler, context = (None if p is None else os.path.abspath(p) for p in (model, scheduler, context))
         args = dict(model=model, scheduler=scheduler, context=context, null_label=null_label,
                     out_of_range=out_of_range, math_attention=math_attention)
         backbone = DiffusersBackbone(**args)
@@ -243,3 +249,7 @@ class DiffusersTeacher(NetTeacher):
         self.net_config = {"class_path": "ayf.nn.FlowMap", "init_args": {
             "backbone": {"class_path": "ayf.nn.diffusers.DiffusersBackbone", "init_args": args},
             "s_embedding": "none"}}
+
+    def describe(self) -> list:
+        b = self.net.backbone
+        return [f"{b.folder} ({b.kind} under {b.scheduler_kind}): " + b.adapter.describe()[0]]

@@ -32,8 +32,16 @@ class Teacher(nn.Module):
     def bind_data(self, datamodule) -> None:
         """Called by the distillation task with the run's data module before training."""
 
+    def describe(self) -> list:
+        """Lines that say what this teacher is and what it read (``ayf fit`` prints them)."""
+        return [f"{type(self).__name__}: {_classes(self.num_classes)}"]
+
     def train(self, mode: bool = True):
         return super().train(False)  # a teacher is always in eval mode
+
+
+def _classes(n: int) -> str:
+    return f"{n} classes" if n else "unconditional"
 
 
 class MixtureTeacher(Teacher):
@@ -65,6 +73,11 @@ class MixtureTeacher(Teacher):
             if mixture is None:
                 raise ConfigError("MixtureTeacher needs `mixture`, or a GaussianMixture data module to read it from")
             self._set(mixture)
+
+    def describe(self) -> list:
+        n = 0 if self.oracle is None else len(self.oracle.weights)
+        where = "of the data module" if self.oracle is None else f"of {n} component{'s' if n != 1 else ''}"
+        return [f"the exact velocity of a Gaussian mixture {where} (MixtureTeacher)"]
 
     def forward(self, x, t, cond: Optional[Cond] = None):
         if self.oracle is None:
@@ -148,6 +161,11 @@ class GuidedTeacher(Teacher):
             if t is not None:
                 t.bind_data(datamodule)
         self._check()
+
+    def describe(self) -> list:
+        weak = (["weak (autoguidance): " + line for line in self.weak.describe()] if self.weak is not None
+                else ["weak: the teacher's own unconditional velocity (classifier-free guidance)"])
+        return ["teacher: " + line for line in self.teacher.describe()] + weak
 
     def forward(self, x, t, cond: Optional[Cond] = None):
         cond = NO_COND if cond is None else cond

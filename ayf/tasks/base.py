@@ -4,6 +4,7 @@ task's own record."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import lightning as L
@@ -84,7 +85,15 @@ class AyfTask(Persistence, L.LightningModule):
             if shape != known[0][1]:
                 raise ConfigError(f"{known[0][0]} {known[0][1]} and {name} {shape} disagree")
 
+    def inputs(self) -> list:
+        """Lines naming what this task read (teachers, a student's checkpoint), which ``ayf fit`` and
+        ``ayf test`` print at the start."""
+        return []
+
     def setup(self, stage):
+        if self._trainer is not None and self.trainer.is_global_zero:
+            for line in self.inputs():
+                print(f"ayf: {line}", file=sys.stderr, flush=True)
         self.check_shapes(self.attached_datamodule())
         if getattr(self.objective, "compile_terms", False) and stage == "fit":
             check_compile(self.trainer.strategy.root_device)
@@ -99,9 +108,8 @@ class AyfTask(Persistence, L.LightningModule):
         return self.with_scheduler(self._optimizer(list(self.trainable_parameters())))
 
     def with_scheduler(self, opt):
-        if self._lr_scheduler is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._lr_scheduler(opt), "interval": "step"}}
+        scheduler = None if self._lr_scheduler is None else self._lr_scheduler(opt)
+        return opt if scheduler is None else {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- the objective ----------------------------------------------------------------------
     def to_batch(self, batch) -> Batch:

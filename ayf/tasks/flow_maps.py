@@ -51,6 +51,12 @@ class FlowMapTask(AyfTask):
             "student data shape": self.net.data_shape,
         }
 
+    def inputs(self) -> list:
+        lines = self.teacher.describe()
+        lines = lines if self.teacher.reads_lam else [f"teacher: {line}" for line in lines]
+        source = getattr(self.net, "source", None)
+        return lines + ([f"student: {source}"] if source else [])
+
     def setup(self, stage):
         dm = self.attached_datamodule()
         if dm is not None:

@@ -3,6 +3,7 @@ teacher, plain hyperparameters, every rank's RNG state and the ``ayf`` record (w
 one hook, by :func:`ayf.checkpoints.make_record`)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -13,6 +14,21 @@ from ayf.io import rng_state, set_rng_state
 
 #: where the frozen teacher sits in a task's state (never saved: the config names it)
 TEACHER_PREFIX = "objective.teacher."
+#: hyperparameters that name a file or folder the task read (checkpoints, model folders, prompts)
+PATH_KEYS = ("ckpt_path", "model", "scheduler", "context", "teacher")
+
+
+def resolved_paths(node):
+    """A copy of a config tree whose file and folder arguments (:data:`PATH_KEYS`) that exist are
+    absolute real paths: a later ``ayf test`` or resume reads the files this run read, whatever
+    its working directory, and a moving pointer (``runs/<dataset>/<stage>/latest``) stays where
+    it pointed."""
+    if isinstance(node, list):
+        return [resolved_paths(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: (os.path.realpath(v) if k in PATH_KEYS and isinstance(v, str) and os.path.exists(v)
+                else resolved_paths(v)) for k, v in node.items()}
 
 
 def _plain(value) -> bool:
@@ -64,7 +80,7 @@ class Persistence:
         # Python; keep only plain data so the checkpoint loads with torch.load(weights_only=True)
         hp = checkpoint.get("hyper_parameters")
         if hp:
-            checkpoint["hyper_parameters"] = {k: v for k, v in hp.items() if _plain(v)}
+            checkpoint["hyper_parameters"] = resolved_paths({k: v for k, v in hp.items() if _plain(v)})
         checkpoint["ayf_rng"] = gather_objects(self._trainer, rng_state())  # every rank's, for its own resume
         checkpoint["ayf"] = self.record()
 

@@ -72,6 +72,9 @@ class Realignment(AyfTask):
     def net_config(self) -> dict:
         return self.realigned_config
 
+    def inputs(self) -> list:
+        return [f"realigning: {line}" for line in self.objective.teacher.describe()]
+
     def sampling_model(self, lam):
         if lam not in (None, 1):
             raise ConfigError("sample a realigned teacher without guidance (autoguide it with GuidedTeacher)")

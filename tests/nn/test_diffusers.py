@@ -223,3 +223,17 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     x = torch.randn(1, 2, 8, 8)
     torch.testing.assert_close(clamped(x, torch.full((1,), 1.0)), clamped(x, torch.full((1,), hi)))
     torch.testing.assert_close(clamped(x, torch.full((1,), 0.0)), clamped(x, torch.full((1,), lo)))
+
+
+def test_a_teacher_says_what_it_read_and_records_its_folder_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save(tmp_path, "unet", unet(), diffusers.DDPMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2"))
+    teacher = DiffusersTeacher("unet")  # typed relative to the working directory
+    assert teacher.net_config["init_args"]["backbone"]["init_args"]["model"] == str(tmp_path / "unet")
+    (line,) = teacher.describe()
+    assert line.startswith(f"{tmp_path / 'unet'} (UNet2DModel under DDPMScheduler): a VP model predicting v_prediction, "
+                           "squaredcos_cap_v2, 1000 steps (VPTeacher); valid t in [")
+    monkeypatch.chdir("/")  # a student built on it finds the folder from anywhere
+    assert FlowMapDistillation(teacher=teacher).net.backbone.folder == str(tmp_path / "unet")
+    with pytest.raises(ConfigError, match="diffusers model folder not found: /moved"):
+        DiffusersTeacher("moved")
