@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ayf.errors import CheckpointError
+from ayf.errors import CheckpointError, ConfigError
 
 
 def atomic_write(path: str, write: Callable) -> None:
@@ -41,6 +41,20 @@ def atomic_write(path: str, write: Callable) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def check_output(path: str, overwrite: bool, inputs=(), suffixes=None) -> str:
+    """The file a command will write at ``path``, checked first: its name ends in one of
+    ``suffixes`` (so that no library appends another), it is none of ``inputs`` (not even with
+    ``overwrite``), and it does not exist unless ``overwrite``. Raises a one-line ConfigError."""
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            raise ConfigError(f"--output {path} is the input {source}: write to another file")
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        raise ConfigError(f"--output {path}: the file must end in {' or '.join(suffixes)}")
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+    return path
 
 
 def save_torch(obj, path: str) -> None:

@@ -153,3 +153,34 @@ def test_a_missing_file_names_the_config_key_that_points_at_it(tmp_path, capsys)
     line = one_line_error(capsys, tiny_toy(tmp_path, "distill_autoguidance"))
     assert "teacher checkpoint not found: runs/toy/teacher_cond/latest/checkpoints/last.ckpt" in line
     assert line.endswith("--model.teacher.init_args.teacher.init_args.ckpt_path")
+
+
+# --- no silent overwrite ---------------------------------------------------------------------------
+def test_no_command_overwrites_silently_or_writes_over_its_input(tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    def digest(path):
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    student = str(tmp_path / "student.ckpt")
+    shutil.copy(os.path.join(FIXTURES, "format2", "consistency.ckpt"), student)
+    before = digest(student)
+    # a name that a library would extend (np.save appends .npy) is refused before anything is written
+    line = one_line_error(capsys, ["sample", "--ckpt_path", student, "--output", str(tmp_path / "x.jpg")])
+    assert "must end in .npy or .png" in line and os.listdir(tmp_path) == ["student.ckpt"]
+    noise = str(tmp_path / "n.npy")
+    np.save(noise, np.zeros((4, 2), dtype=np.float32))
+    for argv in (["sample", "--ckpt_path", student, "--output", student, "--overwrite"],
+                 ["sample", "--ckpt_path", student, "--noise", noise, "--output", noise, "--overwrite"],
+                 ["upgrade", student, student, "--overwrite"],
+                 ["convert", "edm2", student, "--output", student, "--overwrite"]):
+        assert "is the input" in one_line_error(capsys, argv)
+    assert digest(student) == before and np.load(noise).sum() == 0
+    out = str(tmp_path / "x.npy")
+    assert main(["sample", "--ckpt_path", student, "--num_samples", "4", "--output", out]) == 0
+    assert "exists; pass --overwrite" in one_line_error(capsys, ["sample", "--ckpt_path", student, "--output", out])
+    toy = ["toy", "--noise", noise, "--samples", f"x={out}", "--out", str(tmp_path / "scores")]
+    assert main(toy) == 0
+    assert "exists; pass --overwrite" in one_line_error(capsys, toy)
+    assert main([*toy, "--overwrite"]) == 0

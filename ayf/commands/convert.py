@@ -15,7 +15,7 @@ import torch
 
 from ayf.checkpoints import CONVERTED_KIND, make_record
 from ayf.errors import ConfigError
-from ayf.io import save_torch
+from ayf.io import check_output, save_torch
 from ayf.nn.edm2 import EDM2Net
 from ayf.nn.flow_map import FlowMap
 
@@ -150,8 +150,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
+    check_output(args.output, args.overwrite, inputs=(args.export,))
     ckpt, report = convert_edm2(args.export, drop_logvar=args.no_logvar, sigma_min=args.sigma_min,
                                 sigma_max=args.sigma_max, out_of_range=args.out_of_range)
     save_torch(ckpt, args.output)

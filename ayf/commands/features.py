@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ayf.data.images import ImageShards
 from ayf.errors import ConfigError
-from ayf.io import save_torch
+from ayf.io import check_output, save_torch
 from ayf.metrics.features import CLASSIFIER_KIND, ClassifierNet
 
 
@@ -24,9 +24,7 @@ def fit_classifier(train: str, val: Optional[str], output: str, epochs: int = 20
                    lr: float = 2e-3, width: int = 32, feature_dim: int = 128, seed: int = 0,
                    overwrite: bool = False) -> dict:
     """Train :class:`ClassifierNet` on labelled shards; save it with its validation accuracy."""
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    out = Path(check_output(output, overwrite, suffixes=(".pt",)))
     dm = ImageShards(train, val)
     if dm.num_classes < 2:
         raise ConfigError("the classifier feature extractor needs labelled shards (2 or more classes)")

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ayf.data.points import DATASETS, make_points
-from ayf.errors import ConfigError
+from ayf.io import check_output
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -28,10 +28,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if not args.output.endswith(".npz"):
-        raise ConfigError(f"--output must name an .npz file, got {args.output}")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
+    check_output(args.output, args.overwrite, suffixes=(".npz",))
     x, y = make_points(args.dataset, args.n, args.noise, args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     arrays = {"x": x} if y is None else {"x": x, "labels": y}

@@ -15,6 +15,7 @@ import torch
 from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, load_network, sampling_defaults
 from ayf.errors import ConfigError
 from ayf.figures import save_png
+from ayf.io import check_output
 from ayf.nn.cond import Cond
 from ayf.nn.teachers import velocity_teacher
 from ayf.sampling import SOLVERS, generate_batched, make_grid
@@ -73,8 +74,7 @@ def class_labels(arg, num_classes: int, n: int):
 
 
 def run(args) -> int:
-    if os.path.exists(args.output) and not args.overwrite:
-        raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
+    check_output(args.output, args.overwrite, inputs=(args.ckpt_path, args.noise), suffixes=(".npy", ".png"))
     grid = make_grid(steps=args.steps, grid=[float(v) for v in args.grid.split(",")] if args.grid else None)
     if args.scale < 0:
         raise ConfigError(f"--scale must be 0 (automatic) or a zoom >= 1, got {args.scale}")

@@ -7,10 +7,12 @@ metrics.md, metrics.json and a figure of the samples (what `make demo` reports).
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import torch
 
+from ayf.io import check_output
 from ayf.metrics.toy import data_row, exact_endpoints, fidelity_row, load_mixture, write_report
 
 
@@ -20,10 +22,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--noise", required=True, help="the .npy noise the samples were drawn from")
     p.add_argument("--samples", nargs="+", required=True, help="NAME=FILE.npy pairs")
     p.add_argument("--out", required=True, help="folder for metrics.md, metrics.json and samples.png")
+    p.add_argument("--overwrite", action="store_true", help="replace those files when the folder has them")
     return p
 
 
 def run(args) -> int:
+    for name in ("metrics.md", "metrics.json", "samples.png"):
+        check_output(os.path.join(args.out, name), args.overwrite)
     oracle = load_mixture(args.data)
     noise = torch.from_numpy(np.load(args.noise, allow_pickle=False)).double()
     exact = exact_endpoints(oracle, noise)

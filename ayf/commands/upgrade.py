@@ -6,11 +6,9 @@ The original file is left as it is; ``ayf fit/test --ckpt_path`` need the conver
 from __future__ import annotations
 
 import argparse
-import os
 
 from ayf.checkpoints import FORMAT, describe, is_current, upgrade
-from ayf.errors import ConfigError
-from ayf.io import load_torch, save_torch
+from ayf.io import check_output, load_torch, save_torch
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -22,8 +20,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if os.path.exists(args.new) and not args.overwrite:
-        raise ConfigError(f"{args.new} exists; pass --overwrite to replace it")
+    check_output(args.new, args.overwrite, inputs=(args.old,))
     ckpt = load_torch(args.old, "checkpoint", lambda c: isinstance(c, dict) and "ayf" in c, "ayf fit", explain=describe)
     if is_current(ckpt):
         print(f"{args.old} is already in the current layout (format {FORMAT}); nothing written")

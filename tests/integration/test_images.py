@@ -76,7 +76,7 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path, monkeypatch):
     teacher_record = record
     record = json.loads(open(only("runs/digits/distill_emd/version_1/fidelity.json")).read())
     assert record["num_samples"] == 40 and record["reference_count"] == 72
-    assert record["checkpoint"] == student_ckpt and record["teacher"] == [teacher_ckpt]
+    assert record["checkpoint"] == student_ckpt and record["teacher"] == [os.path.realpath(teacher_ckpt)]
     assert set(record["results"]) == {"flow_map_1", "flow_map_2", "flow_map_4", "flow_map_8", "teacher_euler_2",
                                       "teacher_euler_4", "teacher_heun_2", "teacher_heun_4"}
     # the teacher rows beside the student are the teacher's own `ayf test` (same noise, labels, weights)
