@@ -2,6 +2,7 @@
 :mod:`ayf.commands`. Wiring only; the help text is generated from the commands themselves."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ayf import commands
@@ -18,7 +19,8 @@ def help_text() -> str:
              "subcommands:"]
     lines += [f"  {name:<10} {text}" for name, text in LIGHTNING.items()]
     lines += [f"  {name:<10} {commands.summary(commands.load(name))}" for name in commands.names()]
-    lines += ["", "`ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key.",
+    lines += ["", "`ayf SUBCOMMAND --help` explains each one's options; `ayf fit --help` lists every config key;",
+              "`ayf --verbose ...` (or AYF_VERBOSE=1) prints a config error's full report.",
               "Configs: configs/<dataset>/<stage>.yaml; guides: README.md and docs/cli.md."]
     return "\n".join(lines)
 
@@ -29,6 +31,11 @@ def main(args=None) -> int:
 
     from_argv = args is None
     args = list(sys.argv[1:] if from_argv else args)
+    verbose = "--verbose" in args or os.environ.get("AYF_VERBOSE", "") not in ("", "0")
+    if "--verbose" in args:  # ayf's own flag: the full report of a config that does not parse
+        args.remove("--verbose")
+        if from_argv:
+            sys.argv.remove("--verbose")
     if not args or args[0] in ("-h", "--help", "help"):
         print(help_text())
         return 0
@@ -47,6 +54,10 @@ def main(args=None) -> int:
         return module.run(module.build_parser(f"ayf {cmd}").parse_args(rest))
     except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by jsonargparse
         cause = _user_error(err, AyfError)
+        if cause is None and type(err).__name__ == "ArgumentError":  # jsonargparse: a config that does not parse
+            from ayf.commands.lightning import config_error_line
+
+            cause = str(err) if verbose else f"{config_error_line(str(err))} (`--verbose` shows the full report)"
         if cause is None:
             raise
         print(f"ayf: error: {cause}", file=sys.stderr)

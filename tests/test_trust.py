@@ -184,3 +184,24 @@ def test_no_command_overwrites_silently_or_writes_over_its_input(tmp_path, capsy
     assert main(toy) == 0
     assert "exists; pass --overwrite" in one_line_error(capsys, toy)
     assert main([*toy, "--overwrite"]) == 0
+
+
+# --- one-line config errors ------------------------------------------------------------------------
+@pytest.mark.parametrize("typed, said", [
+    (["--model.objective.init_args.tangent_nrom", "0.3"], "ayf.objectives.EMD has no option 'tangent_nrom' (did you mean tangent_norm?)"),
+    (["--model.objective", "ayf.objectives.EMX"], "ayf.objectives has no class 'EMX' (did you mean EMD?)"),
+    (["--trainer.max_stpes", "5"], "unknown option 'trainer.max_stpes' (did you mean trainer.max_steps?)"),
+    (["--model.objective.init_args.warmup", "abc"], "warmup of ayf.objectives.EMD: Expected a <class 'int'>"),
+    (["--config", "{bad_file}"], "ayf.objectives.EMD has no option 'warmpu' (did you mean warmup?)"),
+])
+def test_a_config_that_does_not_parse_is_one_line_that_names_the_nearest_key(tmp_path, capsys, typed, said):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"config: {os.path.join(TOY, 'distill_emd.yaml')}\nmodel.init_args.objective.init_args.warmpu: 5\n")
+    argv = ["fit", "--config", os.path.join(TOY, "distill_emd.yaml"), *[a.format(bad_file=bad) for a in typed]]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ayf: error: ") and said in err[0], err
+    assert main(["--verbose", *argv]) == 2  # the full report, on demand
+    full = capsys.readouterr().err
+    assert "--verbose" not in full and full.strip() != err[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import shutil
 import sys
 from typing import Optional
@@ -52,7 +53,8 @@ class AyfCLI(LightningCLI):
 
     def __init__(self, args=None):
         super().__init__(AyfTask, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         args=args, auto_configure_optimizers=False, save_config_kwargs={"overwrite": False})
+                         args=args, auto_configure_optimizers=False, save_config_kwargs={"overwrite": False},
+                         parser_kwargs={"exit_on_error": False})  # ayf.cli prints parse errors in one line
 
     def _instantiate_trainer(self, config, callbacks):
         listed = list(config.get("callbacks") or []) + list(callbacks)
@@ -113,9 +115,10 @@ class AyfCLI(LightningCLI):
         """After a finished fit, ``<save_dir>/<name>/latest`` points at this run's folder: the stable
         path by which the next stage's recipe finds this one's checkpoints."""
         trainer = self.trainer
-        if trainer.state.status != TrainerStatus.FINISHED or not trainer.is_global_zero or trainer.log_dir is None:
+        folder = getattr(trainer, "_ayf_run_dir", None)  # resolved at set-up (trainer.log_dir is collective under DDP)
+        if trainer.state.status != TrainerStatus.FINISHED or not trainer.is_global_zero or folder is None:
             return
-        run = os.path.abspath(trainer.log_dir)
+        run = os.path.abspath(folder)
         link = os.path.join(os.path.dirname(run), "latest")
         tmp = f"{link}.tmp{os.getpid()}"
         os.symlink(os.path.basename(run), tmp)
@@ -261,3 +264,87 @@ def keep_typed_model_args(typed_ns, merged, argv):
     if replaced:
         print(f"ayf: note: the checkpoint's hyperparameters replace the config's {', '.join(sorted(replaced))}; "
               "give --model.* options on the command line to change them", file=sys.stderr)
+
+
+# --- one-line config errors ------------------------------------------------------------------------
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+_NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+_UNKNOWN_ARG = re.compile(r"(?:unrecognized arguments: |does not accept option ')-*([\w.]+)")
+_CLASS = re.compile(r"Problem with given class_path '([\w.]+)'")
+
+
+def config_error_line(message: str) -> str:
+    """One line for jsonargparse's report of a config that does not parse: the innermost
+    complaint, the class it is about, and the nearest valid name (``did you mean ...?``)."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    classes = [m.group(1) for line in lines for m in [_CLASS.search(line)] if m]
+    for line in lines:
+        if m := _NOT_ACCEPTED.search(line):
+            owner = next((c for c in reversed(classes) if _importable(c)), None)
+            options = _init_args(owner) if owner else []
+            return f"{owner or 'the class'} has no option {m.group(1)!r}" + _nearest(m.group(1), options)
+        if m := _NO_ATTRIBUTE.search(line):
+            module, name = m.groups()
+            return f"{module} has no class {name!r}" + _nearest(name, _public_classes(module))
+        if m := _NO_MODULE.search(line):
+            return f"no module {m.group(1)!r} (a misspelt class_path?)"
+        if m := _UNKNOWN_ARG.search(line):
+            key = m.group(1)
+            group, _, leaf = key.rpartition(".")
+            return f"unknown option {key!r}" + _nearest(leaf, _trainer_args() if group == "trainer" else [], group)
+    useful = [line for line in lines if line and not line.startswith(("usage:", "[", "tip:", "Subtypes:", "Errors:",
+                                                                        "Given value", "- Expected a <class"))]
+    last = (useful[-1] if useful else lines[-1]).removeprefix("error: ")
+    keys = [m.group(1) for line in useful[:-1] for m in [re.match(r'Parser key "([\w.]+)":$', line)] if m]
+    owner = next((c for c in reversed(classes) if _importable(c)), None)
+    if keys and keys[-1] not in ("model", "data"):  # the value of one argument: name it and its class
+        return f"{keys[-1]}" + (f" of {owner}" if owner else "") + f": {last}"
+    return last
+
+
+def _nearest(name: str, options, group: str = "") -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {group + '.' if group else ''}{close[0]}?)" if close else ""
+
+
+def _importable(class_path: str) -> bool:
+    return _resolve(class_path) is not None
+
+
+def _resolve(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_args(class_path: str) -> list:
+    import inspect
+
+    params = []
+    for cls in inspect.getmro(_resolve(class_path)):
+        if "__init__" in vars(cls):
+            params += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    return params
+
+
+def _public_classes(module: str) -> list:
+    import importlib
+    import inspect
+
+    try:
+        return [n for n, v in vars(importlib.import_module(module)).items() if inspect.isclass(v) and not n.startswith("_")]
+    except ImportError:
+        return []
+
+
+def _trainer_args() -> list:
+    import inspect
+
+    return list(inspect.signature(L.Trainer.__init__).parameters)
