@@ -1,8 +1,9 @@
-"""Draw samples from a checkpoint to a .npy file or a PNG grid.
+"""Draw samples from a checkpoint or a diffusers model to a .npy file or a PNG grid.
 
 A flow-map checkpoint (FlowMapDistillation, AdversarialFinetuning) samples with the flow map
 (gamma-sampling optional), with the solver, gamma and guidance scale of its training run unless
-given; a teacher checkpoint (FlowMatching, Realignment, `ayf convert`) needs --solver euler or heun.
+given; a teacher checkpoint (FlowMatching, Realignment, `ayf convert`) and a diffusers model folder
+(--diffusers, read through the adapter of its scheduler) need --solver euler or heun.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, load_network, sampling_defaults
+from ayf.checkpoints import CONVERTED_KIND, FLOW_MAP_KINDS, TEACHER_KINDS, load_network, make_record, sampling_defaults
 from ayf.errors import ConfigError
 from ayf.figures import save_png
 from ayf.io import check_output
@@ -23,7 +24,12 @@ from ayf.sampling import SOLVERS, generate_batched, make_grid
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `ayf fit`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt_path", help="checkpoint written by `ayf fit` or `ayf convert`")
+    src.add_argument("--diffusers", metavar="FOLDER", help="a diffusers model folder (model.save_pretrained, or a "
+                     "pipeline's unet/ or transformer/ folder; its scheduler config beside it), sampled as a teacher")
+    p.add_argument("--scheduler", default=None, help="with --diffusers: the scheduler config's folder or file, "
+                   "when it is not beside the model")
     p.add_argument("--output", required=True, help="where to write the samples: .npy (model units), or .png "
                    "(images only: a tiled grid, one class per column with --label all)")
     p.add_argument("--steps", type=int, default=None, help="number of steps on a uniform grid (default 1)")
@@ -44,6 +50,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
+
+
+def model_to_sample(args):
+    """``(net, record, source)``: the network of ``--ckpt_path`` with its record, or the velocity
+    network of a ``--diffusers`` folder with a teacher's record."""
+    if args.ckpt_path:
+        net, record = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, *TEACHER_KINDS))
+        return net, record, args.ckpt_path
+    from ayf.nn.diffusers import DiffusersTeacher
+
+    teacher = DiffusersTeacher(args.diffusers, scheduler=args.scheduler)
+    print(f"ayf: {teacher.describe()[0]}")
+    record = make_record(CONVERTED_KIND, teacher.net_config, teacher.data_shape, "euler",
+                         label_dropout=float(teacher.unconditional and teacher.num_classes > 0))
+    return teacher.net, record, args.diffusers
 
 
 def load_noise(path: str, data_shape) -> torch.Tensor:
@@ -78,9 +99,9 @@ def run(args) -> int:
     grid = make_grid(steps=args.steps, grid=[float(v) for v in args.grid.split(",")] if args.grid else None)
     if args.scale < 0:
         raise ConfigError(f"--scale must be 0 (automatic) or a zoom >= 1, got {args.scale}")
-    net, record = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, *TEACHER_KINDS))
+    net, record, source = model_to_sample(args)
     if not net.is_flow_map and args.solver in (None, "flow_map"):
-        raise ConfigError(f"{args.ckpt_path} holds a velocity model (a {record['kind']} checkpoint), not a flow map: "
+        raise ConfigError(f"{source} holds a velocity model (a {record['kind']}), not a flow map: "
                           "pass --solver euler or heun")
     settings = sampling_defaults(record, solver=args.solver, gamma=args.gamma, guidance=args.guidance)
     solver, gamma, lam = settings["solver"], settings["gamma"], settings["guidance"]

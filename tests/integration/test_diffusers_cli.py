@@ -2,6 +2,8 @@
 scheduler/ folders, distilled through ``ayf fit --config configs/diffusers/distill_emd.yaml`` and
 sampled through ``ayf sample`` (nothing is downloaded)."""
 import contextlib
+import glob
+import json
 import os
 
 import numpy as np
@@ -35,4 +37,17 @@ def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
             assert main(["sample", "--ckpt_path", ckpt, "--steps", steps, "--num_samples", "4", "--label", "all",
                          "--output", f"x{steps}.npy"]) == 0
         x1, x2 = np.load("x1.npy"), np.load("x2.npy")
+        # the teacher itself, from its folder
+        assert main(["sample", "--diffusers", "weights/diffusers/unet", "--solver", "heun", "--steps", "4",
+                     "--num_samples", "4", "--label", "all", "--output", "teacher.npy"]) == 0
+        # FD / KID / PR of the student and its teacher through the documented overlay
+        assert main(["features", "fit", "--train", "data/diffusers/train", "--val", "data/diffusers/val", "--output",
+                     "data/diffusers/features.pt", "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0
+        assert main(["test", "--config", shipped("diffusers", "distill_emd"), "--config", shipped("diffusers", "fid"),
+                     "--config", os.path.join(CONF, "diffusers", "tiny.yaml"), "--ckpt_path", ckpt,
+                     "--trainer.callbacks.init_args.num_samples", "16"]) == 0
+        (result,) = glob.glob("runs/diffusers/distill_emd/version_1/fidelity.json")
+        rows = json.load(open(result))["results"]
     assert x1.shape == (4, 1, 8, 8) and np.isfinite(x1).all() and np.abs(x1 - x2).max() > 1e-4
+    assert np.load(tmp_path / "teacher.npy").shape == (4, 1, 8, 8)
+    assert {"flow_map_1", "flow_map_8", "teacher_heun_64"} <= set(rows)
