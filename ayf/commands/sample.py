@@ -13,7 +13,15 @@ import os
 import numpy as np
 import torch
 
-from ayf.checkpoints import CONVERTED_KIND, FLOW_MAP_KINDS, TEACHER_KINDS, load_network, make_record, sampling_defaults
+from ayf.checkpoints import (
+    CONVERTED_KIND,
+    FLOW_MAP_KINDS,
+    TEACHER_KINDS,
+    make_record,
+    network_from,
+    read_checkpoint,
+    sampling_defaults,
+)
 from ayf.errors import ConfigError
 from ayf.figures import save_png
 from ayf.io import check_output
@@ -30,6 +38,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                      "pipeline's unet/ or transformer/ folder; its scheduler config beside it), sampled as a teacher")
     p.add_argument("--scheduler", default=None, help="with --diffusers: the scheduler config's folder or file, "
                    "when it is not beside the model")
+    p.add_argument("--model_folder", default=None, help="with --ckpt_path of a diffusers student: its model folder, "
+                   "when it moved since the checkpoint was written (the checkpoint records the old place)")
     p.add_argument("--output", required=True, help="where to write the samples: .npy (model units), or .png "
                    "(images only: a tiled grid, one class per column with --label all)")
     p.add_argument("--steps", type=int, default=None, help="number of steps on a uniform grid (default 1)")
@@ -56,7 +66,13 @@ def model_to_sample(args):
     """``(net, record, source)``: the network of ``--ckpt_path`` with its record, or the velocity
     network of a ``--diffusers`` folder with a teacher's record."""
     if args.ckpt_path:
-        net, record = load_network(args.ckpt_path, use_ema=not args.no_ema, kinds=(*FLOW_MAP_KINDS, *TEACHER_KINDS))
+        ckpt = read_checkpoint(args.ckpt_path)
+        if args.model_folder:
+            backbone = ckpt["ayf"]["net"].get("init_args", {}).get("backbone", {})
+            if "model" not in backbone.get("init_args", {}):
+                raise ConfigError(f"--model_folder: {args.ckpt_path} records no model folder (not a diffusers model)")
+            backbone["init_args"]["model"] = os.path.abspath(args.model_folder)
+        net, record, _ = network_from(ckpt, args.ckpt_path, not args.no_ema, (*FLOW_MAP_KINDS, *TEACHER_KINDS))
         return net, record, args.ckpt_path
     from ayf.nn.diffusers import DiffusersTeacher
 

@@ -50,4 +50,12 @@ def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
         rows = json.load(open(result))["results"]
     assert x1.shape == (4, 1, 8, 8) and np.isfinite(x1).all() and np.abs(x1 - x2).max() > 1e-4
     assert np.load(tmp_path / "teacher.npy").shape == (4, 1, 8, 8)
+    # the checkpoint records the folder absolute: it samples from elsewhere, and follows a moved folder when told
+    os.rename(tmp_path / "weights", tmp_path / "moved")
+    out = str(tmp_path / "again.npy")
+    assert main(["sample", "--ckpt_path", ckpt, "--steps", "1", "--num_samples", "4", "--label", "all",
+                 "--output", out]) == 2
+    assert main(["sample", "--ckpt_path", ckpt, "--steps", "1", "--num_samples", "4", "--label", "all",
+                 "--model_folder", str(tmp_path / "moved" / "diffusers" / "unet"), "--output", out]) == 0
+    np.testing.assert_allclose(np.load(out), x1, rtol=1e-5, atol=1e-6)
     assert {"flow_map_1", "flow_map_8", "teacher_heun_64"} <= set(rows)
