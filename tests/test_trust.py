@@ -137,10 +137,13 @@ def test_a_fit_names_what_it_read_records_it_absolute_and_points_latest_at_itsel
     assert os.readlink("runs/distill_cfg/latest") == "version_1"
     # a fit that fails in its set-up leaves no version folder (and latest stays on the last good one)
     capsys.readouterr()
-    assert main(tiny_toy("runs", "distill_cfg", *teacher, "--data.init_args.mixture.means",
-                         "[[0, 0, 0]]", "--data.init_args.mixture.stds", "[1]", "--data.init_args.mixture.weights",
-                         "[1]", "--data.init_args.classes", "null")) == 2
+    bad_data = ["--data.init_args.mixture.means", "[[0, 0, 0]]", "--data.init_args.mixture.stds", "[1]",
+                "--data.init_args.mixture.weights", "[1]", "--data.init_args.classes", "null"]
+    assert main(tiny_toy("runs", "distill_cfg", *teacher, *bad_data)) == 2
     assert sorted(os.listdir("runs/distill_cfg")) == ["latest", "version_0", "version_1"]
+    os.makedirs("mine")  # and under a folder of the user's, none of the folders it made
+    assert main(tiny_toy("mine/runs", "distill_cfg", *teacher, *bad_data)) == 2
+    assert os.listdir("mine") == []
     # the student of a later stage reads it through latest, and says which run that was
     assert main(tiny_toy("runs", "adversarial", "--model.student.init_args.ckpt_path",
                          "runs/distill_cfg/latest/checkpoints/last.ckpt", "--model.teacher", "ayf.nn.GuidedTeacher",
@@ -205,3 +208,24 @@ def test_a_config_that_does_not_parse_is_one_line_that_names_the_nearest_key(tmp
     assert main(["--verbose", *argv]) == 2  # the full report, on demand
     full = capsys.readouterr().err
     assert "--verbose" not in full and full.strip() != err[0]
+
+
+def test_a_teacher_class_of_the_users_own_distils_into_an_ayf_student(tmp_path, capsys):
+    """A config names a teacher module of the user's (a score model that differentiates itself, valid
+    up to sigma_max = 5) and a student network that is not the teacher's (docs/own_models.md)."""
+    one_mode = '{"means": [[0.0, 0.0]], "stds": [0.5], "weights": [1.0]}'
+    capsys.readouterr()
+    assert main(tiny_toy(tmp_path, "distill_emd", "--model.teacher", "tests.custom_teacher.GaussianScoreTeacher",
+                         "--model.teacher.init_args.sigma_max", "5", "--data.init_args.mixture", one_mode,
+                         "--data.init_args.classes", "null", "--config",
+                         os.path.join(ROOT, "tests", "conf", "toy", "small_net.yaml"))) == 0
+    err = capsys.readouterr().err
+    assert "ayf: teacher: an EDM denoiser D(x; sigma), sigma in [0.002, 5]" in err and "outside it data_mean" in err
+    ckpt = torch.load(glob_one(tmp_path / "distill_emd" / "latest" / "checkpoints" / "last.ckpt"), weights_only=True)
+    assert ckpt["hyper_parameters"]["init_from_teacher"] is None and ckpt["ayf"]["net"]["init_args"]["backbone"][
+        "init_args"]["width"] == 16
+
+
+def glob_one(path):
+    assert os.path.exists(path), path
+    return str(path)

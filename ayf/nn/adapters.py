@@ -11,7 +11,10 @@ velocity.
 Valid t range: every adapter has ``t_range = (t_min, t_max)``, the ayf times at which its model is
 defined. Outside it, ``out_of_range="clamp"`` (default) evaluates the model at the nearest valid
 t, i.e. returns ``v(x_t, clamp(t, t_min, t_max))`` for the given x_t unchanged;
-``out_of_range="error"`` raises :class:`ayf.errors.ConfigError`.
+``out_of_range="data_mean"`` does the same below ``t_min`` and above ``t_max`` follows the ODE's
+high-noise limit, where the denoised estimate is the data mean ``m``: ``v = (x_t - m) / t``, which
+carries ``x_1`` to ``m + t_max (x_1 - m)`` exactly (docs/maths.md §10); ``out_of_range="error"``
+raises :class:`ayf.errors.ConfigError`.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from ayf.math.schedules import (
 from ayf.nn.cond import NO_COND, Cond
 from ayf.nn.teachers import Teacher
 
-OUT_OF_RANGE = ("clamp", "error")
+OUT_OF_RANGE = ("clamp", "data_mean", "error")
 
 
 class AdapterTeacher(Teacher):
@@ -52,14 +55,19 @@ class AdapterTeacher(Teacher):
     Args:
         model: the foreign model, ``model(x, time, cond) -> output``.
         t_range: ``(t_min, t_max)`` with ``0 <= t_min < t_max <= 1``.
-        out_of_range: ``"clamp"`` or ``"error"``.
+        out_of_range: ``"clamp"``, ``"data_mean"`` (above ``t_max``, the data mean as the denoised
+            estimate) or ``"error"``.
         data_shape: shape of one example (None: read from the data module, if it has one).
         num_classes: class labels the model knows (0: unconditional).
         unconditional: whether it also knows the null label (classifier-free guidance).
+        data_mean: the data mean ``m`` of ``out_of_range="data_mean"`` (a scalar).
+        needs_grad: the model computes its output with autograd (a score model, ``D = x + sigma^2
+            grad log p``): it is then called with gradients enabled, and its output detached.
     """
 
     def __init__(self, model, t_range: Sequence[float], out_of_range: str = "clamp",
-                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False):
+                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False,
+                 data_mean: float = 0.0, needs_grad: bool = False):
         super().__init__()
         if not callable(model):
             raise ConfigError(f"{type(self).__name__} needs a callable model(x, time, cond), got {type(model).__name__}")
@@ -76,6 +84,7 @@ class AdapterTeacher(Teacher):
         self.data_shape = None if data_shape is None else tuple(int(d) for d in data_shape)
         self.num_classes = int(num_classes)
         self.unconditional = self.num_classes == 0 or bool(unconditional)
+        self.data_mean, self.needs_grad = float(data_mean), bool(needs_grad)
         self.train(False)
 
     def bind_data(self, datamodule) -> None:
@@ -99,7 +108,16 @@ class AdapterTeacher(Teacher):
         if not t.is_floating_point():
             t = t.to(x.dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        return self.velocity(x, self.valid_t(t), NO_COND if cond is None else cond)
+        cond = NO_COND if cond is None else cond
+        if self.needs_grad:  # the model differentiates itself: give it autograd, whatever the caller's mode
+            with torch.enable_grad():
+                v = self.velocity(x.detach(), self.valid_t(t), cond).detach()
+        else:
+            v = self.velocity(x, self.valid_t(t), cond)
+        if self.out_of_range == "data_mean":
+            above = bcast(t > self.t_range[1], x)
+            v = torch.where(above, (x - self.data_mean) / bcast(t, x), v)
+        return v
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError
@@ -125,15 +143,16 @@ class DenoiserTeacher(AdapterTeacher):
     Args:
         model: the denoiser ``model(x, sigma, cond) -> D``.
         sigma_min, sigma_max: the sigmas the model was trained on (EDM: 0.002 and 80).
-        out_of_range, data_shape, num_classes, unconditional: see :class:`AdapterTeacher`.
+        out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad: see :class:`AdapterTeacher`.
     """
 
     def __init__(self, model, sigma_min: float = 0.002, sigma_max: float = 80.0, out_of_range: str = "clamp",
-                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False):
+                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False,
+                 data_mean: float = 0.0, needs_grad: bool = False):
         if not 0 < sigma_min < sigma_max < float("inf"):
             raise ConfigError(f"DenoiserTeacher needs 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
         t_range = (sigma_to_t(float(sigma_min)), sigma_to_t(float(sigma_max)))
-        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional)
+        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def reads(self) -> str:
@@ -173,13 +192,14 @@ class VPTeacher(AdapterTeacher):
         beta_schedule: ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2``.
         num_train_timesteps, beta_start, beta_end: the schedule's N and beta range.
         rescale_betas_zero_snr: rescale to zero terminal SNR (Lin et al. 2024, Alg. 1).
-        out_of_range, data_shape, num_classes, unconditional: see :class:`AdapterTeacher`.
+        out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad: see :class:`AdapterTeacher`.
     """
 
     def __init__(self, model, prediction: str = "epsilon", beta_schedule: str = "linear",
                  num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  rescale_betas_zero_snr: bool = False, out_of_range: str = "clamp",
-                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False):
+                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False,
+                 data_mean: float = 0.0, needs_grad: bool = False):
         if prediction not in PREDICTIONS:
             raise ConfigError(f"VPTeacher: unsupported prediction {prediction!r}; supported: {', '.join(PREDICTIONS)}")
         if beta_schedule not in BETA_SCHEDULES:
@@ -191,7 +211,7 @@ class VPTeacher(AdapterTeacher):
         except ValueError as err:
             raise ConfigError(f"VPTeacher: {err}") from None
         t_range = schedule.t_range(finite=prediction == "epsilon")
-        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional)
+        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad)
         self.prediction = prediction
         self.schedule = schedule
         self._schedules = {schedule.device: schedule}
@@ -268,16 +288,17 @@ class FlowTeacher(AdapterTeacher):
         timestep_scale: multiplies the model's time (default: 1000 for ``flow_match_euler``,
             1 for ``data_at_one``).
         t_range: the valid range in ayf's t (default the whole [0, 1]).
-        out_of_range, data_shape, num_classes, unconditional: see :class:`AdapterTeacher`.
+        out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad: see :class:`AdapterTeacher`.
     """
 
     def __init__(self, model, convention: str = "data_at_one", timestep_scale: Optional[float] = None,
                  t_range: Sequence[float] = (0.0, 1.0), out_of_range: str = "clamp",
-                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False):
+                 data_shape: Optional[Sequence[int]] = None, num_classes: int = 0, unconditional: bool = False,
+                 data_mean: float = 0.0, needs_grad: bool = False):
         if convention not in FLOW_CONVENTIONS:
             raise ConfigError(f"FlowTeacher: unsupported convention {convention!r}; "
                               f"supported: {', '.join(FLOW_CONVENTIONS)}")
-        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional)
+        super().__init__(model, t_range, out_of_range, data_shape, num_classes, unconditional, data_mean, needs_grad)
         self.convention = convention
         if timestep_scale is None:
             timestep_scale = 1000.0 if convention == "flow_match_euler" else 1.0

@@ -265,8 +265,8 @@ def test_error_names_range_and_offending_t():
 def test_bad_input_is_a_one_line_config_error():
     model = lambda x, time, cond: x  # noqa: E731
     cases = [
-        (lambda: DenoiserTeacher(model, out_of_range="wrap"), "clamp, error"),
-        (lambda: VPTeacher(model, out_of_range="ignore"), "clamp, error"),
+        (lambda: DenoiserTeacher(model, out_of_range="wrap"), "clamp, data_mean, error"),
+        (lambda: VPTeacher(model, out_of_range="ignore"), "clamp, data_mean, error"),
         (lambda: DenoiserTeacher(model, sigma_min=1.0, sigma_max=0.5), "sigma_min < sigma_max"),
         (lambda: VPTeacher(model, prediction="x0"), "epsilon, v_prediction, sample"),
         (lambda: VPTeacher(model, beta_schedule="laplace"), "linear, scaled_linear, squaredcos_cap_v2"),
@@ -291,3 +291,69 @@ def test_module_model_is_frozen_and_data_shape_binds():
     assert not wrapped.model.training and not wrapped.training
     frozen = VPTeacher(net.train())
     assert not any(p.requires_grad for p in frozen.parameters()) and not net.training
+
+
+# --- a score model (its output is an autograd gradient) and the high-noise rule ---------------------
+CS = 0.5  # the data: N(0, CS^2 I) in 2-D, whose denoiser and flow are closed-form
+
+
+def score_denoiser(x, sigma, cond=None):
+    """``D = x + sigma^2 grad log p_sigma(x)`` with the gradient taken by autograd, as a score model
+    does: ``log p_sigma(x) = -||x||^2 / (2 (CS^2 + sigma^2))``, so ``D = CS^2 x / (CS^2 + sigma^2)``."""
+    x = x.detach().requires_grad_(True)
+    s2 = (sigma.to(x.dtype) ** 2)[:, None]
+    (grad,) = torch.autograd.grad((-(x ** 2) / (2 * (CS ** 2 + s2))).sum(), x)
+    return x + s2 * grad
+
+
+def test_a_teacher_that_differentiates_itself_runs_under_no_grad_when_it_says_so(gen):
+    x = torch.randn(16, 2, generator=gen, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(16, generator=gen, dtype=torch.float64)
+    exact = GaussianOracle(std=CS, dim=2).velocity(x, t)
+    teacher = DenoiserTeacher(score_denoiser, sigma_min=1e-3, sigma_max=100.0, needs_grad=True)
+    with torch.no_grad():  # how the objectives and the samplers call a teacher
+        v = teacher(x, t)
+    torch.testing.assert_close(v, exact, rtol=1e-10, atol=1e-12)
+    assert not v.requires_grad
+    with torch.no_grad(), pytest.raises(RuntimeError):  # without the flag the model cannot take its gradient
+        DenoiserTeacher(score_denoiser, sigma_min=1e-3, sigma_max=100.0)(x, t)
+
+
+def edm_heun(denoiser, x, sigmas):
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1) in sigma units, from x at sigmas[0]."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = (x - denoiser(x, s.expand(len(x)))) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            x_next = x + (s_next - s) * (d + (x_next - denoiser(x_next, s_next.expand(len(x)))) / s_next) / 2
+        x = x_next
+    return x
+
+
+def test_the_high_noise_rule_matches_edm_started_at_sigma_max(gen):
+    """A VE denoiser valid up to sigma_max = 1 (t_max = 0.5), sampled by ayf from t = 1 under
+    out_of_range data_mean, lands where EDM's Heun sampler started at sigma_max * noise lands, and
+    where the exact flow of the Gaussian lands; clamping (the model at sigma_max on points noisier
+    than that) follows another ODE and misses."""
+    from ayf.math.samplers import sample_heun
+
+    c = 1.0  # data N(0, c^2 I): at sigma_max the denoiser is far from the data mean
+
+    def exact_denoiser_2d(x, sigma, cond=None):
+        return c ** 2 * x / (c ** 2 + sigma.to(x.dtype)[:, None] ** 2)
+
+    sigma_max = 1.0
+    noise = torch.randn(256, 2, generator=gen, dtype=torch.float64)
+    sigmas = torch.cat([torch.logspace(np.log10(sigma_max), -3, 513, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    x_edm = edm_heun(exact_denoiser_2d, sigma_max * noise, sigmas)
+    exact = sigma_max * noise * c / (c ** 2 + sigma_max ** 2) ** 0.5  # the flow from sigma_max to 0
+    errors = {}
+    for steps in (256, 512):  # ayf's own uniform grid from t = 1: one step straddles t_max
+        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        for rule in ("data_mean", "clamp"):
+            teacher = DenoiserTeacher(exact_denoiser_2d, sigma_min=1e-3, sigma_max=sigma_max, out_of_range=rule)
+            errors[rule, steps] = (sample_heun(teacher, noise, grid) - exact).norm(dim=1).max().item()
+    assert (x_edm - exact).norm(dim=1).max() < 1e-4
+    # first order in the step (the velocity jumps at t_max), to the same point as EDM started at sigma_max
+    assert errors["data_mean", 512] < 5e-3 and errors["data_mean", 512] < 0.6 * errors["data_mean", 256], errors
+    assert errors["clamp", 512] > 0.1, errors  # another ODE: more steps do not bring it closer
