@@ -105,10 +105,11 @@ class AyfCLI(LightningCLI):
             raise type(cause)(f"{cause}; the config names it in {named}", missing=missing) from None
 
     def _run_subcommand(self, subcommand):
+        created = first_missing(getattr(self.trainer.logger, "root_dir", None))  # folders this run will make
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            remove_empty_run(self.trainer)
+            remove_empty_run(self.trainer, created)
             raise
 
     def after_fit(self):
@@ -144,18 +145,32 @@ class AyfCLI(LightningCLI):
 RUN_STARTUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
 
 
-def remove_empty_run(trainer) -> None:
+def first_missing(path: Optional[str]) -> Optional[str]:
+    """The outermost folder of ``path`` that does not exist yet (None: all of it exists)."""
+    missing, path = None, os.path.abspath(path) if path else None
+    while path and not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def remove_empty_run(trainer, created: Optional[str] = None) -> None:
     """Removes the version folder of a run that failed before writing anything but its start-up
-    files (the config, TensorBoard's first events), so that it does not shift later version numbers.
-    A folder with anything else in it (a checkpoint, a figure, a report) is kept."""
+    files (the config, TensorBoard's first events), so that it does not shift later version numbers,
+    and the folders above it up to ``created`` that the run made and left empty. A folder with
+    anything else in it (a checkpoint, a figure, a report) is kept."""
     if trainer is None or not trainer.is_global_zero or trainer.logger is None:
         return
     folder = getattr(trainer, "_ayf_run_dir", None) or getattr(trainer.logger, "log_dir", None)
     if not folder or not os.path.isdir(folder):
         return
     files = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names]
-    if all(os.path.basename(f).startswith(RUN_STARTUP_FILES) for f in files):
-        shutil.rmtree(folder)
+    if not all(os.path.basename(f).startswith(RUN_STARTUP_FILES) for f in files):
+        return
+    shutil.rmtree(folder)
+    path = os.path.dirname(os.path.abspath(folder))
+    while created and (path == created or path.startswith(created + os.sep)) and not os.listdir(path):
+        os.rmdir(path)
+        path = os.path.dirname(path)
 
 
 def _first(err, kind):
