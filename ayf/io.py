@@ -49,12 +49,18 @@ def check_output(path: str, overwrite: bool, inputs=(), suffixes=None) -> str:
     ``overwrite``), and it does not exist unless ``overwrite``. Raises a one-line ConfigError."""
     for source in inputs:
         if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
-            raise ConfigError(f"--output {path} is the input {source}: write to another file")
-    if suffixes and not path.lower().endswith(tuple(suffixes)):
-        raise ConfigError(f"--output {path}: the file must end in {' or '.join(suffixes)}")
+            raise ConfigError(f"the output {path} is the input {source}: write to another file")
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise ConfigError(f"the output {path} must end in {' or '.join(suffixes)}")
     if os.path.exists(path) and not overwrite:
         raise ConfigError(f"{path} exists; pass --overwrite to replace it")
     return path
+
+
+def refuse_existing(path: Optional[str], what: str) -> None:
+    """A one-line ConfigError if a file named by a config (not a fresh run folder) already exists."""
+    if path and os.path.exists(path):
+        raise ConfigError(f"{what} {path} exists (from an earlier run?): give another path, or move it away")
 
 
 def save_torch(obj, path: str) -> None:

@@ -78,12 +78,12 @@ def test_no_entry_point_runs_code_from_a_file(planted, tmp_path, capsys, kind):
 
 def test_the_python_entry_points_refuse_it_too(planted):
     from ayf.checkpoints import CheckpointFlowMap, CheckpointTeacher
-    from ayf.metrics import ClassifierFeatures
+    from ayf.metrics import ClassifierFeatures, InceptionFeatures
     from ayf.tasks import Realignment
 
     files, _ = planted
     for path in files["torch"], files["pickle"]:
-        for build in (CheckpointTeacher, CheckpointFlowMap, ClassifierFeatures, Realignment):
+        for build in (CheckpointTeacher, CheckpointFlowMap, ClassifierFeatures, InceptionFeatures, Realignment):
             with pytest.raises(AyfError, match="never"):
                 build(path)
 
@@ -144,12 +144,36 @@ def test_a_fit_names_what_it_read_records_it_absolute_and_points_latest_at_itsel
     os.makedirs("mine")  # and under a folder of the user's, none of the folders it made
     assert main(tiny_toy("mine/runs", "distill_cfg", *teacher, *bad_data)) == 2
     assert os.listdir("mine") == []
+    # a run without a logger's version folder sets no latest (it would land outside the run tree)
+    assert main(tiny_toy("mine", "distill_cfg", *teacher, "--trainer.logger", "false")) == 0
+    assert "latest" not in os.listdir("mine") and not os.path.lexists("latest")
+    # nor one that wrote no checkpoint (the next stage would find nothing there)
+    assert main(tiny_toy("bare", "distill_cfg", *teacher, "--trainer.callbacks", "[]",
+                         "--trainer.enable_checkpointing", "false")) == 0
+    assert os.listdir("bare/distill_cfg") == ["version_0"]
     # the student of a later stage reads it through latest, and says which run that was
     assert main(tiny_toy("runs", "adversarial", "--model.student.init_args.ckpt_path",
                          "runs/distill_cfg/latest/checkpoints/last.ckpt", "--model.teacher", "ayf.nn.GuidedTeacher",
                          "--model.teacher.init_args.teacher", "ayf.checkpoints.CheckpointTeacher", *teacher,
                          "--model.discriminator.init_args.width", "16", "--trainer.max_steps", "2")) == 0
     assert os.path.realpath("runs/distill_cfg/version_1/checkpoints/last.ckpt") in capsys.readouterr().err
+
+
+def test_only_a_run_that_failed_before_its_first_step_is_removed(tmp_path):
+    from types import SimpleNamespace
+
+    from ayf.commands.lightning import first_missing, remove_empty_run
+
+    created = first_missing(str(tmp_path / "runs" / "stage"))
+    run = tmp_path / "runs" / "stage" / "version_0"
+    for step in (3, 0):
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "hparams.yaml").write_text("{}")
+        (run / "events.out.tfevents.1").write_text("")
+        trainer = SimpleNamespace(is_global_zero=True, logger=object(), global_step=step, _ayf_run_dir=str(run))
+        remove_empty_run(trainer, created)
+        assert run.exists() == (step > 0)  # the logs of a run that trained are kept
+    assert os.listdir(tmp_path) == []  # and the folders it made went with it
 
 
 def test_a_missing_file_names_the_config_key_that_points_at_it(tmp_path, capsys):
@@ -172,6 +196,8 @@ def test_no_command_overwrites_silently_or_writes_over_its_input(tmp_path, capsy
     # a name that a library would extend (np.save appends .npy) is refused before anything is written
     line = one_line_error(capsys, ["sample", "--ckpt_path", student, "--output", str(tmp_path / "x.jpg")])
     assert "must end in .npy or .png" in line and os.listdir(tmp_path) == ["student.ckpt"]
+    line = one_line_error(capsys, ["sample", "--ckpt_path", student, "--output", str(tmp_path / "x.NPY")])
+    assert "must end in .npy or .png" in line and os.listdir(tmp_path) == ["student.ckpt"]  # np.save: x.NPY.npy
     noise = str(tmp_path / "n.npy")
     np.save(noise, np.zeros((4, 2), dtype=np.float32))
     for argv in (["sample", "--ckpt_path", student, "--output", student, "--overwrite"],
@@ -220,7 +246,8 @@ def test_a_teacher_class_of_the_users_own_distils_into_an_ayf_student(tmp_path, 
                          "--data.init_args.classes", "null", "--config",
                          os.path.join(ROOT, "tests", "conf", "toy", "small_net.yaml"))) == 0
     err = capsys.readouterr().err
-    assert "ayf: teacher: an EDM denoiser D(x; sigma), sigma in [0.002, 5]" in err and "outside it data_mean" in err
+    assert "ayf: teacher: an EDM denoiser D(x; sigma), sigma in [0.002, 5]" in err
+    assert "outside it data_mean (m = 0); unconditional; model: GaussianScore (autograd on: needs_grad)" in err
     ckpt = torch.load(glob_one(tmp_path / "distill_emd" / "latest" / "checkpoints" / "last.ckpt"), weights_only=True)
     assert ckpt["hyper_parameters"]["init_from_teacher"] is None and ckpt["ayf"]["net"]["init_args"]["backbone"][
         "init_args"]["width"] == 16

@@ -15,6 +15,7 @@ from ayf.callbacks.ema import sampling_weights
 from ayf.distributed import barrier, gather_in_order, run_dir, shard_range, world
 from ayf.errors import ConfigError
 from ayf.figures import to_uint8
+from ayf.io import refuse_existing
 from ayf.math.samplers import ODE_SOLVERS
 from ayf.metrics.features import FeatureExtractor
 from ayf.metrics.fidelity import fidelity_metrics, reference_features
@@ -185,6 +186,9 @@ class FidelityMetrics(L.Callback):
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._run(trainer, pl_module, periodic=True)
+
+    def on_test_start(self, trainer, pl_module):
+        refuse_existing(self.output, "FidelityMetrics output")  # before the long evaluation, not after it
 
     def on_test_end(self, trainer, pl_module):
         self._run(trainer, pl_module, periodic=False)

@@ -113,13 +113,17 @@ class AyfCLI(LightningCLI):
             raise
 
     def after_fit(self):
-        """After a finished fit, ``<save_dir>/<name>/latest`` points at this run's folder: the stable
-        path by which the next stage's recipe finds this one's checkpoints."""
+        """After a finished fit that wrote checkpoints, ``<save_dir>/<name>/latest`` points at this
+        run's folder: the stable path by which the next stage's recipe finds this one's checkpoints.
+        Only a run in a version folder of its logger (TensorBoard, CSV) gets one."""
         trainer = self.trainer
         folder = getattr(trainer, "_ayf_run_dir", None)  # resolved at set-up (trainer.log_dir is collective under DDP)
-        if trainer.state.status != TrainerStatus.FINISHED or not trainer.is_global_zero or folder is None:
+        root = getattr(trainer.logger, "root_dir", None)
+        if trainer.state.status != TrainerStatus.FINISHED or not trainer.is_global_zero or not folder or not root:
             return
         run = os.path.abspath(folder)
+        if not glob.glob(os.path.join(run, "checkpoints", "*.ckpt")):
+            return
         link = os.path.join(os.path.dirname(run), "latest")
         tmp = f"{link}.tmp{os.getpid()}"
         os.symlink(os.path.basename(run), tmp)
@@ -154,12 +158,12 @@ def first_missing(path: Optional[str]) -> Optional[str]:
 
 
 def remove_empty_run(trainer, created: Optional[str] = None) -> None:
-    """Removes the version folder of a run that failed before writing anything but its start-up
-    files (the config, TensorBoard's first events), so that it does not shift later version numbers,
-    and the folders above it up to ``created`` that the run made and left empty. A folder with
-    anything else in it (a checkpoint, a figure, a report) is kept."""
-    if trainer is None or not trainer.is_global_zero or trainer.logger is None:
-        return
+    """Removes the version folder of a run that failed before its first step, with nothing in it
+    but its start-up files (the config, TensorBoard's first events), so that it does not shift later
+    version numbers, and the folders above it up to ``created`` that the run made and left empty. A
+    folder with anything else in it (a checkpoint, a figure, a report) is kept."""
+    if trainer is None or not trainer.is_global_zero or trainer.logger is None or trainer.global_step > 0:
+        return  # a run that trained has logs worth keeping
     folder = getattr(trainer, "_ayf_run_dir", None) or getattr(trainer.logger, "log_dir", None)
     if not folder or not os.path.isdir(folder):
         return
@@ -185,11 +189,12 @@ def _first(err, kind):
 
 
 def holding(ns, value, prefix="") -> list:
-    """Dotted keys of a parsed config whose value is ``value``, as they are typed on the command
-    line (``model.teacher.init_args.weak.init_args.ckpt_path``: the model's own ``init_args`` left out)."""
+    """Dotted keys of a parsed config whose value is the path ``value`` (as typed, or made absolute),
+    as they are typed on the command line (``model.teacher.init_args.weak.init_args.ckpt_path``: the
+    model's own ``init_args`` left out)."""
     keys = []
     for key, item in (vars(ns).items() if hasattr(ns, "__dict__") else ()):
-        if item == value:
+        if isinstance(item, str) and item and os.path.abspath(item) == os.path.abspath(value):
             keys.append(prefix + key)
         elif hasattr(item, "__dict__"):
             keys += holding(item, value, f"{prefix}{key}.")

@@ -65,6 +65,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def model_to_sample(args):
     """``(net, record, source)``: the network of ``--ckpt_path`` with its record, or the velocity
     network of a ``--diffusers`` folder with a teacher's record."""
+    if args.ckpt_path and args.scheduler:
+        raise ConfigError("--scheduler goes with --diffusers (a checkpoint records its scheduler)")
+    if args.diffusers and args.model_folder:
+        raise ConfigError("--model_folder goes with --ckpt_path (with --diffusers, the folder is --diffusers itself)")
     if args.ckpt_path:
         ckpt = read_checkpoint(args.ckpt_path)
         if args.model_folder:

@@ -73,6 +73,9 @@ class InceptionFeatures(FeatureExtractor, nn.Module):
                     "(ayf does not download)")
         if not os.path.isfile(weights_path):
             raise ConfigError(f"Inception weights file {weights_path} does not exist")
+        # torch-fidelity unpickles the file in full: it gets it only once it has loaded as tensors alone
+        load_torch(weights_path, "Inception weights", accept=lambda obj: isinstance(obj, dict),
+                   explain=lambda obj, path: "it holds no state dict")
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights_path)
         except Exception as err:  # noqa: BLE001 - unpickling and shape errors alike mean a bad file

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ayf.io import load_torch
+
 log = logging.getLogger("ayf.metrics")
 
 
@@ -53,7 +55,7 @@ def reference_features(extractor, images_fn, count: int, cache_dir: Optional[Pat
     ``images_fn()`` returns the uint8 images; it is called only on a cache miss."""
     path = Path(cache_dir) / f"reference-{extractor.name}-{count}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch(str(path), "reference feature cache (delete it to recompute)")
     feats = extractor.extract(images_fn(), device=device)
     if path is not None:
         try:

@@ -42,6 +42,9 @@ from ayf.nn.cond import NO_COND, Cond
 from ayf.nn.teachers import Teacher
 
 OUT_OF_RANGE = ("clamp", "data_mean", "error")
+#: the rules of a network (EDM2, a diffusers backbone) that clamps its own time input; it may be a
+#: student, whose output above t_max must stay its own, so the teacher-only data_mean is not one
+NETWORK_OUT_OF_RANGE = ("clamp", "error")
 
 
 class AdapterTeacher(Teacher):
@@ -109,9 +112,9 @@ class AdapterTeacher(Teacher):
             t = t.to(x.dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         cond = NO_COND if cond is None else cond
-        if self.needs_grad:  # the model differentiates itself: give it autograd, whatever the caller's mode
-            with torch.enable_grad():
-                v = self.velocity(x.detach(), self.valid_t(t), cond).detach()
+        if self.needs_grad:  # the model differentiates itself: autograd on, whatever the caller's mode
+            with torch.inference_mode(False), torch.enable_grad():  # (ayf test and validate run in inference mode)
+                v = self.velocity(x.clone(), self.valid_t(t).clone(), cond).detach()
         else:
             v = self.velocity(x, self.valid_t(t), cond)
         if self.out_of_range == "data_mean":
@@ -128,8 +131,11 @@ class AdapterTeacher(Teacher):
 
     def describe(self) -> list:
         lo, hi = self.t_range
-        return [f"{self.reads()}; valid t in [{lo:.6g}, {hi:.6g}], outside it {self.out_of_range}; "
-                f"{'unconditional' if not self.num_classes else f'{self.num_classes} classes'}"]
+        rule = f"data_mean (m = {self.data_mean:g})" if self.out_of_range == "data_mean" else self.out_of_range
+        model = f"; model: {type(self.model).__name__}" if isinstance(self.model, torch.nn.Module) else ""
+        return [f"{self.reads()}; valid t in [{lo:.6g}, {hi:.6g}], outside it {rule}; "
+                f"{'unconditional' if not self.num_classes else f'{self.num_classes} classes'}{model}"
+                + (" (autograd on: needs_grad)" if self.needs_grad else "")]
 
 
 class DenoiserTeacher(AdapterTeacher):

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from ayf.errors import ConfigError
-from ayf.nn.adapters import OUT_OF_RANGE, FlowTeacher, VPTeacher
+from ayf.io import load_torch
+from ayf.nn.adapters import NETWORK_OUT_OF_RANGE as OUT_OF_RANGE
+from ayf.nn.adapters import FlowTeacher, VPTeacher
 from ayf.nn.cond import NO_COND, Cond
 from ayf.nn.flow_map import FlowMap
 from ayf.nn.teachers import NetTeacher
@@ -168,7 +170,7 @@ class DiffusersBackbone(nn.Module):
             if context is None:
                 raise ConfigError("UNet2DConditionModel needs its cross-attention input: give context: FILE.pt, "
                                   "a (L, D) tensor saved with torch.save (an encoded prompt)")
-            tensor = torch.load(context, map_location="cpu", weights_only=True)
+            tensor = load_torch(context, "context (an encoded prompt)", hint="check the context path")
             if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or tensor.shape[1] != cfg.cross_attention_dim:
                 raise ConfigError(f"context {context}: need a (L, {cfg.cross_attention_dim}) tensor, "
                                   f"got {getattr(tensor, 'shape', type(tensor).__name__)}")

@@ -21,11 +21,11 @@ from torch import nn
 
 from ayf.errors import ConfigError
 from ayf.math.path import edm_precond, t_to_sigma
+from ayf.nn.adapters import NETWORK_OUT_OF_RANGE as OUT_OF_RANGE
 from ayf.nn.embeddings import ScalarEmbedding
 from ayf.nn.unet import MPConv, mp_normalize, mp_silu, mp_sum, run_unet, unet_levels
 
 TIME_INPUTS = ("c_noise", "t")
-OUT_OF_RANGE = ("clamp", "error")
 
 
 class MPFourier(nn.Module):

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from ayf.checkpoints import CheckpointTeacher, build_network
 from ayf.distributed import run_dir
 from ayf.errors import ConfigError
+from ayf.io import refuse_existing
 from ayf.metrics.realignment import velocity_error
 from ayf.nn.cond import Cond
 from ayf.nn.edm2 import realigned_config
@@ -118,7 +119,8 @@ class Realignment(AyfTask):
         return dict(report, step=int(self.global_step))
 
     def on_fit_start(self):
-        if not self.history:
+        if not self.history:  # a fresh run (a resumed one continues its own report)
+            refuse_existing(self.hparams.report, "realignment report")
             self.history.append(dict(self.velocity_error(), when="before"))
             self._write_report()
 

@@ -58,4 +58,17 @@ def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
     assert main(["sample", "--ckpt_path", ckpt, "--steps", "1", "--num_samples", "4", "--label", "all",
                  "--model_folder", str(tmp_path / "moved" / "diffusers" / "unet"), "--output", out]) == 0
     np.testing.assert_allclose(np.load(out), x1, rtol=1e-5, atol=1e-6)
+    moved = str(tmp_path / "moved" / "diffusers" / "unet")
+    for misplaced in (["--ckpt_path", ckpt, "--scheduler", "s"], ["--diffusers", moved, "--model_folder", "m"]):
+        assert main(["sample", *misplaced, "--output", str(tmp_path / "n.npy")]) == 2  # an option that would be ignored
     assert {"flow_map_1", "flow_map_8", "teacher_heun_64"} <= set(rows)
+
+
+def test_a_missing_model_folder_names_its_config_key(tmp_path, capsys):
+    with contextlib.chdir(tmp_path):
+        capsys.readouterr()
+        assert main(["fit", "--config", shipped("diffusers", "distill_emd"),
+                     "--model.teacher.init_args.model", "nowhere/unet"]) == 2  # typed relative, recorded absolute
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ayf: error:")]
+    assert line.endswith(f"folder not found: {tmp_path / 'nowhere' / 'unet'}; the config names it in "
+                         "--model.teacher.init_args.model"), line

@@ -71,7 +71,7 @@ def test_inception_loads_local_weights_file(tmp_path, monkeypatch):
     (tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").write_bytes(path.read_bytes())
     assert InceptionFeatures().name == ext.name
     (tmp_path / "bad.pth").write_bytes(b"junk")
-    with pytest.raises(ConfigError, match="cannot load Inception weights"):
+    with pytest.raises(CheckpointError, match="cannot read Inception weights"):
         InceptionFeatures(weights_path=str(tmp_path / "bad.pth"))
 
 
@@ -132,3 +132,15 @@ def test_mode_recall_counts_each_modes_share_against_its_weight():
     # 1.4 std away is inside radius 3; 2 std away from the mode (1.0) is outside radius 1.5
     torch.testing.assert_close(mode_recall(oracle, samples([50, 25, 25], off=0.7)), torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(mode_recall(oracle, samples([50, 25, 25], off=1.0), radius=1.5), torch.zeros(3, dtype=torch.float64))
+
+
+def test_an_output_file_of_an_earlier_test_is_refused_before_the_evaluation(tmp_path):
+    from ayf.callbacks import FidelityMetrics
+
+    earlier = tmp_path / "fid.json"
+    earlier.write_text('{"mine": 1}')
+    callback = FidelityMetrics(extractor=None, output=str(earlier))
+    with pytest.raises(ConfigError, match="FidelityMetrics output .* exists"):
+        callback.on_test_start(None, None)
+    FidelityMetrics(extractor=None, output=str(tmp_path / "new.json")).on_test_start(None, None)
+    assert earlier.read_text() == '{"mine": 1}'

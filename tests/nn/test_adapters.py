@@ -311,10 +311,11 @@ def test_a_teacher_that_differentiates_itself_runs_under_no_grad_when_it_says_so
     t = 0.1 + 0.8 * torch.rand(16, generator=gen, dtype=torch.float64)
     exact = GaussianOracle(std=CS, dim=2).velocity(x, t)
     teacher = DenoiserTeacher(score_denoiser, sigma_min=1e-3, sigma_max=100.0, needs_grad=True)
-    with torch.no_grad():  # how the objectives and the samplers call a teacher
-        v = teacher(x, t)
-    torch.testing.assert_close(v, exact, rtol=1e-10, atol=1e-12)
-    assert not v.requires_grad
+    for mode in torch.no_grad, torch.inference_mode:  # how the objectives, samplers, ayf test call a teacher
+        with mode():
+            v = teacher(x, t)
+        torch.testing.assert_close(v, exact, rtol=1e-10, atol=1e-12)
+        assert not v.requires_grad
     with torch.no_grad(), pytest.raises(RuntimeError):  # without the flag the model cannot take its gradient
         DenoiserTeacher(score_denoiser, sigma_min=1e-3, sigma_max=100.0)(x, t)
 

@@ -6,7 +6,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from ayf.errors import ConfigError  # noqa: E402
+from ayf.errors import AyfError, ConfigError  # noqa: E402
 from ayf.nn import Cond, FlowMap  # noqa: E402
 from ayf.nn.diffusers import DiffusersBackbone, DiffusersTeacher  # noqa: E402
 from ayf.tasks import FlowMapDistillation  # noqa: E402
@@ -208,6 +208,12 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     cond_folder = save(tmp_path, "cond", cond_unet(), diffusers.DDIMScheduler())
     with pytest.raises(ConfigError, match="needs its cross-attention input: give context"):
         DiffusersTeacher(cond_folder)
+    from tests.test_trust import Planted
+
+    torch.save({"prompt": Planted(str(tmp_path / "code_ran"))}, tmp_path / "planted.pt")
+    with pytest.raises(AyfError, match="never runs code from a file"):
+        DiffusersTeacher(cond_folder, context=str(tmp_path / "planted.pt"))
+    assert not (tmp_path / "code_ran").exists()
     torch.save(torch.zeros(3, 5), tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match=r"need a \(L, 8\) tensor"):
         DiffusersTeacher(cond_folder, context=str(tmp_path / "bad.pt"))
@@ -223,6 +229,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     x = torch.randn(1, 2, 8, 8)
     torch.testing.assert_close(clamped(x, torch.full((1,), 1.0)), clamped(x, torch.full((1,), hi)))
     torch.testing.assert_close(clamped(x, torch.full((1,), 0.0)), clamped(x, torch.full((1,), lo)))
+    with pytest.raises(ConfigError, match="clamp, error"):  # its student shares the rule: no teacher-only data_mean
+        DiffusersTeacher(folder, out_of_range="data_mean")
 
 
 def test_a_teacher_says_what_it_read_and_records_its_folder_absolute(tmp_path, monkeypatch):

@@ -101,3 +101,11 @@ def test_bad_target_and_negative_steps_are_one_line_errors(teacher_ckpt):
         Realignment(teacher_ckpt, target="both")
     with pytest.raises(ConfigError, match="embedding_steps"):
         Realignment(teacher_ckpt, embedding_steps=-1)
+
+
+def test_a_report_file_of_an_earlier_run_is_not_replaced(teacher_ckpt, tmp_path):
+    earlier = tmp_path / "report.json"
+    earlier.write_text('{"mine": 1}')
+    with pytest.raises(ConfigError, match="realignment report .* exists"):
+        Realignment(teacher_ckpt, report=str(earlier)).on_fit_start()
+    assert earlier.read_text() == '{"mine": 1}'
