@@ -76,6 +76,14 @@ def load_model(path: str) -> nn.Module:
     return getattr(_diffusers(), kind).from_pretrained(path, local_files_only=True)
 
 
+def model_from_config(config: dict) -> nn.Module:
+    """A diffusers model of a supported class built from its config dict, with fresh weights."""
+    kind = config.get("_class_name")
+    if kind not in MODELS:
+        raise ConfigError(f"unsupported diffusers model {kind!r}; supported: {', '.join(MODELS)}")
+    return getattr(_diffusers(), kind).from_config(config)
+
+
 def read_scheduler_config(scheduler: Union[str, dict, None], model_path: Optional[str]) -> dict:
     """A scheduler config: a dict, a ``scheduler_config.json`` file or its folder; None looks next to
     the model folder (``<model>/scheduler_config.json``, then a pipeline's ``<model>/../scheduler/``)."""
@@ -113,7 +121,9 @@ class DiffusersBackbone(nn.Module):
     FlowMap's s and guidance branches) added to the model's time embedding.
 
     Args:
-        model: a diffusers model folder (``save_pretrained``) or the model itself (from Python).
+        model: a diffusers model folder (``save_pretrained``), its ``config.json`` as a dict (the model
+            is built from it with fresh weights, for a caller that loads its own: ``ayf.export``),
+            or the model itself (from Python).
         scheduler: the scheduler config: a ``scheduler_config.json``, its folder, or a dict (None: next
             to the model folder, see :func:`read_scheduler_config`).
         context: for ``UNet2DConditionModel``: a file holding a ``(L, D)`` tensor (``torch.save``),
@@ -128,13 +138,15 @@ class DiffusersBackbone(nn.Module):
 
     conditions_on_time = True
 
-    def __init__(self, model: Union[str, nn.Module], scheduler: Union[str, dict, None] = None,
+    def __init__(self, model: Union[str, dict, nn.Module], scheduler: Union[str, dict, None] = None,
                  context: Optional[str] = None, null_label: Optional[int] = None, out_of_range: str = "clamp",
                  math_attention: bool = True):
         super().__init__()
         if out_of_range not in OUT_OF_RANGE:
             raise ConfigError(f"out_of_range must be one of {', '.join(OUT_OF_RANGE)}, got {out_of_range!r}")
         path = os.path.abspath(model) if isinstance(model, (str, os.PathLike)) else None
+        if isinstance(model, dict):
+            model = model_from_config(model)
         self.model = load_model(str(path)) if path is not None else model
         kind = type(self.model).__name__
         if kind not in MODELS:
@@ -180,6 +192,7 @@ class DiffusersBackbone(nn.Module):
         self.register_buffer("context", context_tensor, persistent=False)
         scheduler_config = read_scheduler_config(scheduler, None if path is None else str(path))
         self.folder, self.scheduler_kind = path, scheduler_config.get("_class_name")
+        self.scheduler_config = scheduler_config
         self.adapter = adapter_for(scheduler_config, self._call, out_of_range=out_of_range, data_shape=self.data_shape,
                                    num_classes=self.num_classes, unconditional=null_label is not None)
 

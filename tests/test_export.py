@@ -1,0 +1,174 @@
+"""``ayf export``: a distilled flow map as a folder that diffusers loads, sampled there with
+diffusers' own FlowMapEulerDiscreteScheduler, equal to ``ayf sample`` from the same noise.
+
+The students are given random weights (every branch, the s and guidance embeddings included, away
+from its zero start), so that a time, label or guidance scale that the export passes wrongly
+changes the samples."""
+import contextlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ayf.checkpoints import build_network, make_record
+from ayf.cli import main
+from tests.toy_runs import fit_toy
+
+diffusers = pytest.importorskip("diffusers")
+
+MLP_NET = {"class_path": "ayf.nn.FlowMap", "init_args": {
+    "backbone": {"class_path": "ayf.nn.MLP", "init_args": {"data_dim": 2, "width": 32, "depth": 2, "emb_dim": 16}},
+    "num_classes": 3, "guidance_input": True}}
+UNET_NET = {"class_path": "ayf.nn.FlowMap", "init_args": {
+    "backbone": {"class_path": "ayf.nn.UNet", "init_args": {
+        "img_channels": 1, "img_resolution": 8, "channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+        "channels_per_head": 8, "emb_dim": 16}},
+    "num_classes": 4, "guidance_input": True}}
+
+
+def diffusers_net(folder):
+    """A flow map on a tiny class-conditional UNet2DModel saved in ``folder``/unet (v-prediction DDPM)."""
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                  attention_head_dim=8, num_class_embeds=4)
+    model.save_pretrained(os.path.join(folder, "unet"))
+    diffusers.DDPMScheduler(prediction_type="v_prediction").save_pretrained(os.path.join(folder, "scheduler"))
+    return {"class_path": "ayf.nn.FlowMap", "init_args": {
+        "backbone": {"class_path": "ayf.nn.diffusers.DiffusersBackbone",
+                     "init_args": {"model": os.path.join(folder, "unet"), "scheduler": None, "context": None,
+                                   "null_label": None, "out_of_range": "clamp", "math_attention": True}},
+        "s_embedding": "t_minus_s"}}
+
+
+def random_student(path, config, data_shape, guidance=None, seed=0):
+    """A FlowMapDistillation checkpoint of ``config`` with random weights (the EMA too)."""
+    torch.manual_seed(seed)
+    net = build_network(config)
+    with torch.no_grad():
+        for name, p in net.named_parameters():  # the conditioning branches strongly, so that each input shows
+            strong = name.split(".")[0].endswith("_emb") or name.endswith("gain")  # zero at init in ayf's nets
+            p.add_((1.0 if strong else 0.1) * torch.randn_like(p))
+    state = net.state_dict()
+    torch.save({"ayf": make_record("FlowMapDistillation", config, data_shape, "flow_map", guidance=guidance),
+                "state_dict": {f"net.{k}": v for k, v in state.items()}, "global_step": 7,
+                "callbacks": {"EMA": {"ema": state}}}, path)
+    return net
+
+
+def diffusers_loop(folder, noise, steps, **kw):
+    """The README's loop: the exported model and scheduler, loaded by diffusers, stepped by hand."""
+    from ayf.export import FlowMapModel
+
+    model = FlowMapModel.from_pretrained(os.path.join(folder, "flow_map"))
+    scheduler = diffusers.FlowMapEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    scheduler.set_timesteps(steps)
+    x = noise
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            r = scheduler.sigmas[i + 1] * scheduler.config.num_train_timesteps
+            x = scheduler.step(model(x, t, r, **kw).sample, t, x, r_timestep=r).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("case", ["mlp", "unet", "diffusers"])
+def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, case):
+    n = 6
+    if case == "diffusers":
+        config, shape, guidance, kw = diffusers_net(str(tmp_path)), (1, 8, 8), None, {}
+    else:
+        config, shape = (MLP_NET, (2,)) if case == "mlp" else (UNET_NET, (1, 8, 8))
+        guidance, kw = 2.5, {"guidance_scale": 2.5}
+    classes = 3 if case == "mlp" else 4
+    ckpt = str(tmp_path / "student.ckpt")
+    random_student(ckpt, config, shape, guidance)
+    noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    labels = torch.arange(n) % classes
+    ours = {}
+    for steps in (1, 2, 4):
+        out = str(tmp_path / f"ayf{steps}.npy")
+        assert main(["sample", "--ckpt_path", ckpt, "--noise", str(tmp_path / "noise.npy"), "--steps", str(steps),
+                     "--label", "all", "--output", out]) == 0
+        ours[steps] = torch.from_numpy(np.load(out))
+    folder = str(tmp_path / "exported")
+    assert main(["export", "--ckpt_path", ckpt, "--output", folder]) == 0
+    if case == "diffusers":  # self-contained: the model folder it was distilled from is not read again
+        os.rename(tmp_path / "unet", tmp_path / "gone")
+    from ayf.export import FlowMapPipeline
+
+    pipe = FlowMapPipeline.from_pretrained(folder)
+    for steps in (1, 2, 4):
+        theirs = diffusers_loop(folder, noise, steps, class_labels=labels, **kw)
+        torch.testing.assert_close(theirs, ours[steps], rtol=1e-5, atol=1e-5)
+        piped = pipe(num_inference_steps=steps, class_labels=labels, latents=noise, output_type="pt", **kw).images
+        torch.testing.assert_close(piped, ours[steps], rtol=1e-5, atol=1e-5)
+    # the steps matter, and so does every input the flow map reads
+    assert (ours[1] - ours[4]).abs().max() > 1e-3
+    assert (diffusers_loop(folder, noise, 4, class_labels=(labels + 1) % classes, **kw) - ours[4]).abs().max() > 1e-3
+    if kw:
+        assert (diffusers_loop(folder, noise, 4, class_labels=labels, guidance_scale=1.0) - ours[4]).abs().max() > 1e-3
+        # the default guidance scale is the one the checkpoint records
+        torch.testing.assert_close(diffusers_loop(folder, noise, 4, class_labels=labels), ours[4], rtol=1e-5, atol=1e-5)
+    if len(shape) == 3:
+        images = pipe(num_inference_steps=2, class_labels=labels, latents=noise, output_type="pil", **kw).images
+        assert len(images) == n and images[0].size == (8, 8)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["_class_name"] == "FlowMapPipeline" and index["scheduler"][1] == "FlowMapEulerDiscreteScheduler"
+    assert os.path.isfile(os.path.join(folder, "flow_map", "diffusion_pytorch_model.safetensors"))
+    assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pkl")) for _, _, fs in os.walk(folder) for f in fs)
+
+
+def test_a_trained_toy_student_exports_and_samples_images_of_its_pipeline(tmp_path):
+    """A student from ``ayf fit`` (not a hand-made checkpoint) through the CLI; the pipeline's
+    default noise and its image outputs for image students are covered by the unet case above."""
+    ckpt = fit_toy(tmp_path, "distill_emd", "student", 3)
+    folder = str(tmp_path / "exported")
+    assert main(["export", "--ckpt_path", ckpt, "--output", folder]) == 0
+    from ayf.export import FlowMapPipeline
+
+    pipe = FlowMapPipeline.from_pretrained(folder)
+    x = pipe(batch_size=5, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="needs images"):
+        pipe(batch_size=2, output_type="pil")
+
+
+def test_bad_exports_are_one_line_and_overwrite_nothing(tmp_path, capsys):
+    teacher = str(tmp_path / "teacher.ckpt")
+    config = dict(MLP_NET, init_args=dict(MLP_NET["init_args"], s_embedding="none", guidance_input=False))
+    net = build_network(config)
+    torch.save({"ayf": make_record("FlowMatching", config, (2,), "euler"),
+                "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, teacher)
+    student = str(tmp_path / "student.ckpt")
+    random_student(student, MLP_NET, (2,), 2.0)
+    consistency = str(tmp_path / "consistency.ckpt")
+    ckpt = torch.load(student, weights_only=True)
+    ckpt["ayf"]["sampling"]["gamma"] = 1.0
+    torch.save(ckpt, consistency)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    cases = {
+        "velocity model": ([teacher, str(tmp_path / "a")], "not a flow map"),
+        "consistency": ([consistency, str(tmp_path / "b")], "gamma 1.0"),
+        "existing output": ([student, str(tmp_path / "taken")], "exists; pass --overwrite"),
+        "output holds input": ([student, str(tmp_path), "--overwrite"], "holds the input"),
+        "missing": ([str(tmp_path / "none.ckpt"), str(tmp_path / "c")], "not found"),
+    }
+    for name, (args, said) in cases.items():
+        capsys.readouterr()
+        extra = args[2:]
+        assert main(["export", "--ckpt_path", args[0], "--output", args[1], *extra]) == 2, name
+        errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ayf: error:")]
+        assert len(errors) == 1 and said in errors[0], (name, errors)
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    assert not any(os.path.exists(tmp_path / d) for d in "abc")
+    with contextlib.chdir(tmp_path):
+        from ayf.export import load_pipeline
+
+        with pytest.raises(Exception, match="not an exported flow map"):
+            load_pipeline("taken")
