@@ -8,12 +8,12 @@ import contextlib
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from ayf.checkpoints import build_network, make_record
 from ayf.cli import main
+from tests.export_checks import assert_diffusers_samples, ayf_samples, diffusers_loop
 from tests.toy_runs import fit_toy
 
 diffusers = pytest.importorskip("diffusers")
@@ -59,21 +59,6 @@ def random_student(path, config, data_shape, guidance=None, seed=0):
     return net
 
 
-def diffusers_loop(folder, noise, steps, **kw):
-    """The README's loop: the exported model and scheduler, loaded by diffusers, stepped by hand."""
-    from ayf.export import FlowMapModel
-
-    model = FlowMapModel.from_pretrained(os.path.join(folder, "flow_map"))
-    scheduler = diffusers.FlowMapEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-    scheduler.set_timesteps(steps)
-    x = noise
-    with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            r = scheduler.sigmas[i + 1] * scheduler.config.num_train_timesteps
-            x = scheduler.step(model(x, t, r, **kw).sample, t, x, r_timestep=r).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("case", ["mlp", "unet", "diffusers"])
 def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, case):
     n = 6
@@ -86,26 +71,13 @@ def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, c
     ckpt = str(tmp_path / "student.ckpt")
     random_student(ckpt, config, shape, guidance)
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
-    np.save(tmp_path / "noise.npy", noise.numpy())
     labels = torch.arange(n) % classes
-    ours = {}
-    for steps in (1, 2, 4):
-        out = str(tmp_path / f"ayf{steps}.npy")
-        assert main(["sample", "--ckpt_path", ckpt, "--noise", str(tmp_path / "noise.npy"), "--steps", str(steps),
-                     "--label", "all", "--output", out]) == 0
-        ours[steps] = torch.from_numpy(np.load(out))
+    ours = ayf_samples(ckpt, noise, classes, tmp_path)
     folder = str(tmp_path / "exported")
     assert main(["export", "--ckpt_path", ckpt, "--output", folder]) == 0
     if case == "diffusers":  # self-contained: the model folder it was distilled from is not read again
         os.rename(tmp_path / "unet", tmp_path / "gone")
-    from ayf.export import FlowMapPipeline
-
-    pipe = FlowMapPipeline.from_pretrained(folder)
-    for steps in (1, 2, 4):
-        theirs = diffusers_loop(folder, noise, steps, class_labels=labels, **kw)
-        torch.testing.assert_close(theirs, ours[steps], rtol=1e-5, atol=1e-5)
-        piped = pipe(num_inference_steps=steps, class_labels=labels, latents=noise, output_type="pt", **kw).images
-        torch.testing.assert_close(piped, ours[steps], rtol=1e-5, atol=1e-5)
+    pipe = assert_diffusers_samples(folder, noise, ours, labels, **kw)
     # the steps matter, and so does every input the flow map reads
     assert (ours[1] - ours[4]).abs().max() > 1e-3
     assert (diffusers_loop(folder, noise, 4, class_labels=(labels + 1) % classes, **kw) - ours[4]).abs().max() > 1e-3
@@ -123,15 +95,16 @@ def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, c
     assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pkl")) for _, _, fs in os.walk(folder) for f in fs)
 
 
-def test_a_trained_toy_student_exports_and_samples_images_of_its_pipeline(tmp_path):
-    """A student from ``ayf fit`` (not a hand-made checkpoint) through the CLI; the pipeline's
-    default noise and its image outputs for image students are covered by the unet case above."""
+def test_a_distilled_toy_student_samples_in_diffusers_as_in_ayf(tmp_path):
+    """A student of ``ayf fit`` (configs/toy/distill_emd.yaml, a few steps), exported by the CLI; the
+    digits and diffusers students of ``ayf fit`` are checked in tests/integration (test_images.py,
+    test_diffusers_cli.py)."""
     ckpt = fit_toy(tmp_path, "distill_emd", "student", 3)
+    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    ours = ayf_samples(ckpt, noise, 0, tmp_path)
     folder = str(tmp_path / "exported")
     assert main(["export", "--ckpt_path", ckpt, "--output", folder]) == 0
-    from ayf.export import FlowMapPipeline
-
-    pipe = FlowMapPipeline.from_pretrained(folder)
+    pipe = assert_diffusers_samples(folder, noise, ours)
     x = pipe(batch_size=5, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert x.shape == (5, 2) and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="needs images"):

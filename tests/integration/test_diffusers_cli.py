@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ayf.cli import main
+from tests.export_checks import assert_diffusers_samples, ayf_samples
 from tests.toy_runs import CONF, blobs, shipped
 
 diffusers = pytest.importorskip("diffusers")
@@ -37,6 +38,11 @@ def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
             assert main(["sample", "--ckpt_path", ckpt, "--steps", steps, "--num_samples", "4", "--label", "all",
                          "--output", f"x{steps}.npy"]) == 0
         x1, x2 = np.load("x1.npy"), np.load("x2.npy")
+        # exported to diffusers, it samples there as `ayf sample` samples it
+        noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        ours = ayf_samples(ckpt, noise, 4, tmp_path)
+        assert main(["export", "--ckpt_path", ckpt, "--output", "exported"]) == 0
+        assert_diffusers_samples("exported", noise, ours, torch.arange(4) % 4)
         # the teacher itself, from its folder
         assert main(["sample", "--diffusers", "weights/diffusers/unet", "--solver", "heun", "--steps", "4",
                      "--num_samples", "4", "--label", "all", "--output", "teacher.npy"]) == 0

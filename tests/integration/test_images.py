@@ -9,9 +9,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ayf.cli import main
+from tests.export_checks import assert_diffusers_samples, ayf_samples
 from tests.toy_runs import CONF, blobs, shipped
 
 
@@ -73,6 +75,11 @@ def test_image_fit_then_ayf_test_writes_fidelity_json(tmp_path, monkeypatch):
     from PIL import Image
 
     assert Image.open("grid.png").size == (4 * 9 + 1, 2 * 9 + 1)
+    # exported to diffusers, it samples there as `ayf sample` samples it
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = ayf_samples(student_ckpt, noise, 4, tmp_path)
+    assert main(["export", "--ckpt_path", student_ckpt, "--output", "exported"]) == 0
+    assert_diffusers_samples("exported", noise, ours, torch.arange(8) % 4)
     teacher_record = record
     record = json.loads(open(only("runs/digits/distill_emd/version_1/fidelity.json")).read())
     assert record["num_samples"] == 40 and record["reference_count"] == 72
