@@ -9,10 +9,11 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ayf")
 
 #: package -> the ayf packages it may import (its own is always allowed)
-BELOW_TASKS = {"objectives", "checkpoints", "sampling", "metrics", "nn", "math", "distributed", "io", "errors"}
+BELOW_TASKS = {"objectives", "checkpoints", "sampling", "metrics", "nn", "math", "distributed", "io", "encoders", "errors"}
 ALLOWED = {
     "errors": set(),
     "io": {"errors"},
+    "encoders": {"io", "errors"},
     "math": set(),
     "distributed": set(),
     "nn": {"math", "io", "errors"},
@@ -20,11 +21,12 @@ ALLOWED = {
     "sampling": {"nn", "math", "errors"},
     "checkpoints": {"nn", "io", "errors"},
     "objectives": {"nn", "math", "errors"},
-    "data": {"math", "figures", "distributed", "io", "errors"},
-    "metrics": {"math", "figures", "io", "errors"},
+    "data": {"math", "figures", "distributed", "io", "encoders", "errors"},
+    "metrics": {"math", "figures", "io", "encoders", "errors"},
     "tasks": BELOW_TASKS,
-    "callbacks": {"checkpoints", "sampling", "metrics", "figures", "nn", "math", "distributed", "io", "errors"},
-    "commands": BELOW_TASKS | {"tasks", "callbacks", "data", "figures"},
+    "callbacks": {"checkpoints", "sampling", "metrics", "figures", "nn", "math", "distributed", "io", "encoders", "errors"},
+    "export": {"checkpoints", "nn", "math", "io", "encoders", "errors"},
+    "commands": BELOW_TASKS | {"tasks", "callbacks", "data", "figures", "export"},
     "cli": {"commands", "errors"},
     "__init__": set(),
     "__main__": {"cli"},

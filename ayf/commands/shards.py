@@ -1,14 +1,25 @@
 """Write an image dataset as WebDataset shards with a manifest.
 
 Size-capped .tar shards plus manifest.json (count, shape, classes, per-channel mean/std). Images
-are stored as uint8 arrays, bit-exactly.
+are stored as uint8 arrays, bit-exactly; with --vae, as the latents of a diffusers AutoencoderKL (the
+posterior's mean and std, or its mean), and an interrupted write resumes when run again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from ayf.data.shards import Source, arrays_source, digits_source, folder_images, idx_source, write_dataset
+from ayf.data.shards import (
+    LATENT_DTYPES,
+    Source,
+    arrays_source,
+    digits_source,
+    folder_images,
+    idx_source,
+    write_dataset,
+)
+from ayf.encoders import NORMALISATIONS, PIXEL_RANGES, STORED, VAEEncoder
+from ayf.errors import ConfigError
 
 EPILOG = """examples:
   ayf shards digits --output data/digits --val_fraction 0.2
@@ -16,6 +27,8 @@ EPILOG = """examples:
       --pad 2 --output data/fashion_mnist/train
   ayf shards folder --root my_images/ --output data/mine      (class = sub-folder name)
   ayf shards arrays --images x.npz --output data/arrays       (keys images/x and labels/y)
+  ayf shards folder --root imagenet512/ --output data/in512_latents --vae sd-vae-ft-mse/
+      (latents of a local diffusers AutoencoderKL, normalised like EDM2's; run it again to resume)
 """
 
 
@@ -37,6 +50,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     common.add_argument("--max_size_mb", type=float, default=64.0, help="size cap of one shard, MB (uncompressed)")
     common.add_argument("--gzip", action="store_true", help="write .tar.gz shards")
     common.add_argument("--limit", type=int, default=None, help="write only the first N images")
+    vae = common.add_argument_group("latents (a diffusers AutoencoderKL; needs ayf[diffusers])")
+    vae.add_argument("--vae", default=None, metavar="DIR",
+                     help="store the latents of the AutoencoderKL saved in DIR instead of pixels")
+    vae.add_argument("--vae_normalisation", default=None,
+                     help=f"{' or '.join(NORMALISATIONS)} (default), or a JSON object "
+                          '\'{"mean": [...], "std": [...]}\' of the raw latents per channel')
+    vae.add_argument("--vae_pixel_range", default=None, choices=tuple(PIXEL_RANGES),
+                     help="the pixel range the VAE is fed: [0,1] (default, EDM2's) or [-1,1] (diffusers')")
+    vae.add_argument("--stored", default=None, choices=STORED,
+                     help="posterior (default): the posterior's mean and std, a fresh latent per read; mean: the mean")
+    vae.add_argument("--latent_dtype", default=None, choices=LATENT_DTYPES, help="the stored arrays' type (default float32)")
+    vae.add_argument("--batch_size", type=int, default=None, help="images per VAE batch (default 32)")
+    vae.add_argument("--device", default=None, help="where the VAE runs (default: cuda when available, else cpu)")
 
     sub.add_parser("digits", parents=[common], help="scikit-learn's bundled 8x8 digits (needs scikit-learn)")
     s = sub.add_parser("idx", parents=[common], help="IDX files (MNIST / Fashion-MNIST format, .gz allowed)")
@@ -65,12 +91,42 @@ def make_source(args) -> Source:
     return Source(None, class_names=classes, paths=items, channels=args.channels)
 
 
+LATENT_OPTIONS = ("vae_normalisation", "vae_pixel_range", "stored", "latent_dtype", "batch_size", "device")
+
+
+def parse_normalisation(text):
+    """``--vae_normalisation``: a preset name, or a JSON object."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text or "edm2_sd"
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"--vae_normalisation is not a JSON object: {err}") from None
+
+
+def make_encoder(args):
+    """The VAEEncoder of ``--vae`` (None without it; the latent options need it)."""
+    if args.vae is None:
+        given = [f"--{k}" for k in LATENT_OPTIONS if getattr(args, k, None) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) --vae")
+        return None
+    return VAEEncoder(args.vae, normalisation=parse_normalisation(args.vae_normalisation),
+                      pixel_range=args.vae_pixel_range or "[0,1]", stored=args.stored or "posterior")
+
+
 def run(args) -> int:
+    encoder = make_encoder(args)  # a bad VAE folder fails before the source is read
+    latent = {} if encoder is None else {"encoder": encoder, "latent_dtype": args.latent_dtype or "float32",
+                                         "batch_size": args.batch_size or 32, "device": args.device}
+    if encoder is not None:
+        print(f"encoding with {encoder.describe()}")
     manifests = write_dataset(
         make_source(args), args.output, val_fraction=args.val_fraction, seed=args.seed, pad=args.pad,
         limit=args.limit, overwrite=args.overwrite, max_bytes=int(args.max_size_mb * (1 << 20)), gzip=args.gzip,
+        **latent,
     )
     for split, m in manifests.items():
-        summary = {k: m[k] for k in ("count", "shape", "num_classes")}
+        summary = {k: m[k] for k in ("count", "shape", "num_classes", "space", "moments_shape") if k in m}
         print(f"{split}: {len(m['shards'])} shard(s) {json.dumps(summary)}")
     return 0

@@ -1,7 +1,11 @@
 """ImageShards: a LightningDataModule over WebDataset shards written by ``ayf shards``.
 
 Samples decode to ``{"x": float (C, H, W) in [-1, 1], "label": int64}`` (no label for unlabelled
-data). Training streams resampled shards (every worker and rank draws its own shard sequence)
+data). Latent shards (``ayf shards ... --vae``) decode to float latents of the manifest's latent
+shape, drawn by the shard set's encoder from the stored moments (for a VAE storing its posterior, a
+fresh ``mean + std * eps`` each time an example is read, from a generator seeded like the
+shuffle); ``data_shape`` is then the latent shape and ``encoder`` decodes latents to pixels.
+Training streams resampled shards (every worker and rank draws its own shard sequence)
 through a shuffle buffer, with a fixed epoch length. The training order is a function of the seed,
 the epoch, the rank and the worker, so a run repeats exactly (``seed=None``: random per run).
 Validation and test read each sample once,
@@ -24,10 +28,17 @@ import torch
 import webdataset as wds
 
 from ayf.data.loaders import ResumableLoader, device_batch
-from ayf.data.shards import MANIFEST, read_manifest, to_model_units
+from ayf.data.shards import LATENT_DTYPES, MANIFEST, encoder_of, read_manifest, to_model_units
+from ayf.encoders import Encoder
 from ayf.errors import ConfigError
 
 log = logging.getLogger("ayf.data")
+
+
+def same_space(encoder: Encoder) -> dict:
+    """What two shard sets must share to be read together: their encoder's record, less the VAE's
+    folder (the same VAE may lie in another place)."""
+    return {k: v for k, v in encoder.to_manifest().items() if k != "folder"}
 
 
 class SkipCounter:
@@ -78,10 +89,25 @@ class ShardSource:
         if self.manifest.get("count", 0) <= 0:
             raise ConfigError(f"shard set {spec} is empty")
         self.spec = spec
+        self.encoder: Encoder = encoder_of(self.manifest)  # the identity for pixel shards
+        if self.space == "latent":
+            m = self.manifest
+            if m.get("moments_dtype") not in LATENT_DTYPES or not isinstance(m.get("pixel_shape"), list):
+                raise ConfigError(f"the latent shard manifest of {spec} lacks moments_dtype or pixel_shape")
+            shapes = (self.encoder.moments_shape(m["pixel_shape"]), self.encoder.latent_shape(m["pixel_shape"]))
+            if shapes != (tuple(m.get("moments_shape") or ()), self.shape):
+                raise ConfigError(f"the latent shard manifest of {spec} gives moments {m.get('moments_shape')} and shape "
+                                  f"{m['shape']}; its encoder makes {list(shapes[0])} and {list(shapes[1])}")
 
     @property
     def shape(self) -> tuple:
+        """The shape of one example as the model sees it (latent shards: the latent shape)."""
         return tuple(self.manifest["shape"])
+
+    @property
+    def space(self) -> str:
+        """``"pixels"`` or ``"latent"``."""
+        return self.manifest.get("space", "pixels")
 
     @property
     def num_classes(self) -> int:
@@ -91,11 +117,44 @@ class ShardSource:
         return int(self.manifest["count"])
 
 
-def _decoder(shape: tuple, labelled: bool, raw: bool):
+class _Latents:
+    """Reads a latent sample: checks the stored moments and draws latents from them with the
+    encoder, from a generator made in the process (dataloader worker) that first needs it, seeded by
+    ``seed`` and the worker (``seed=None``: fresh entropy)."""
+
+    def __init__(self, source: ShardSource, seed: Optional[int]):
+        self.encoder, self.seed = source.encoder, seed
+        self.shape = tuple(source.manifest["moments_shape"])
+        self.dtype = np.dtype(source.manifest["moments_dtype"])
+        self._gen = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_gen": None}
+
+    def __call__(self, arr: np.ndarray, raw: bool, where: str) -> torch.Tensor:
+        if arr.dtype != self.dtype or tuple(arr.shape) != self.shape:
+            raise ValueError(f"{where}: moments {arr.dtype} {arr.shape}, manifest says {self.dtype} {self.shape}")
+        moments = torch.from_numpy(arr.copy())
+        if raw:
+            return moments
+        if self._gen is None:
+            info = torch.utils.data.get_worker_info()
+            seed = (wds.utils.make_seed(self.seed, info.id if info is not None else 0) if self.seed is not None
+                    else int.from_bytes(os.urandom(8), "little") >> 1)
+            self._gen = torch.Generator().manual_seed(seed)
+        return self.encoder.sample(moments.float(), generator=self._gen)
+
+
+def _decoder(shape: tuple, labelled: bool, raw: bool, latents: Optional[_Latents] = None):
     def decode(sample):
         if "npy" not in sample:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no .npy image")
         img = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        if latents is not None:
+            out = {"x": latents(img, raw, f"sample {sample.get('__key__')} in {sample.get('__url__')}")}
+            if labelled:
+                out["label"] = torch.tensor(int(sample["cls"]), dtype=torch.long)
+            return out
         if img.dtype != np.uint8 or tuple(img.shape) != shape:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: "
                              f"image {img.dtype} {img.shape}, manifest says uint8 {shape}")
@@ -145,11 +204,12 @@ def sample_pipeline(
     shard and keep every (ranks x workers)-th sample, so that no rank is left without data even
     when there are fewer shards than ranks (evaluation sets, which are small). With
     resampling, ``epoch_samples`` is the number of samples per rank per epoch, divided over the
-    dataloader workers.
+    dataloader workers. ``raw``: uint8 pixels, or for latent shards the stored moments (float16
+    or float32, as written), instead of model units.
 
     The shard draws and the shuffle are seeded by ``(seed, epoch, rank, worker)``: the same
     arguments give the same order, and each epoch, rank and worker gets its own. ``seed=None``
-    draws fresh randomness instead."""
+    draws fresh randomness instead. So are the draws of latents from a latent shard's moments."""
     handler = counter or SkipCounter()
     info = torch.utils.data.get_worker_info()
     worker = info.id if info is not None else 0
@@ -166,7 +226,10 @@ def sample_pipeline(
     if shuffle_buffer > 1:
         shuffle_seed = None if seed is None else wds.utils.make_seed(stream_seed, 1)
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=shuffle_seed))
-    stages.append(wds.map(_decoder(source.shape, source.num_classes > 0, raw), handler=handler))
+    latents = None
+    if source.space == "latent":
+        latents = _Latents(source, None if seed is None else wds.utils.make_seed(stream_seed, 2))
+    stages.append(wds.map(_decoder(source.shape, source.num_classes > 0, raw, latents), handler=handler))
     pipe = wds.DataPipeline(*stages)
     if resampled:
         if not epoch_samples:
@@ -254,6 +317,9 @@ class ImageShards(L.LightningDataModule):
             if src is not None and (src.shape, src.num_classes) != (self.train_source.shape, self.train_source.num_classes):
                 raise ConfigError(f"{src.spec} (shape {src.shape}, {src.num_classes} classes) does not match the "
                                   f"training shards (shape {self.train_source.shape}, {self.train_source.num_classes} classes)")
+            if src is not None and same_space(src.encoder) != same_space(self.train_source.encoder):
+                raise ConfigError(f"{src.spec} ({src.encoder.describe()}) is not in the space of the training shards "
+                                  f"({self.train_source.encoder.describe()})")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.global_batch_size = global_batch_size
         self.epoch_length = epoch_length or len(self.train_source)
@@ -262,7 +328,14 @@ class ImageShards(L.LightningDataModule):
 
     @property
     def data_shape(self) -> tuple:
+        """The shape of one example as the model sees it (latent shards: the latent shape)."""
         return self.train_source.shape
+
+    @property
+    def encoder(self) -> Encoder:
+        """The data's encoder: ``encoder.decode(x)`` turns model-space samples into pixels in model
+        units (the identity for pixel shards)."""
+        return self.train_source.encoder
 
     @property
     def num_classes(self) -> int:
@@ -314,7 +387,9 @@ class ImageShards(L.LightningDataModule):
 
     def reference_images(self, limit: Optional[int] = None, source: Optional[ShardSource] = None):
         """uint8 ``(N, C, H, W)`` images (and labels or None) read once, in order: the real
-        data that FD / KID / precision / recall compare against (default: training shards)."""
+        data that FD / KID / precision / recall compare against (default: training shards).
+        Latent shards hold no pixels: for them this gives the stored moments (float16 or float32,
+        as written); decode them with ``encoder.decode(encoder.mode(moments))``."""
         source = source or self.train_source
         xs, ys = [], []
         for sample in sample_pipeline(source, raw=True, counter=self.skipped):
