@@ -199,6 +199,16 @@ class VAEEncoder(Encoder):
             object.__setattr__(self, "_vae", vae.to(self.mean.device))
         return self._vae
 
+    def attach(self, vae: nn.Module) -> "VAEEncoder":
+        """Uses ``vae`` (an AutoencoderKL already loaded, e.g. a pipeline's) instead of reading the
+        folder; its channel counts must be the recorded ones."""
+        facts = vae_facts(dict(vae.config), self.folder)
+        if (facts["latent_channels"], facts["in_channels"]) != (self.latent_channels, self.in_channels):
+            raise ConfigError(f"this VAE has {facts['in_channels']} pixel and {facts['latent_channels']} latent channels, "
+                              f"not the {self.in_channels} and {self.latent_channels} the latents were encoded with")
+        object.__setattr__(self, "_vae", vae.eval().requires_grad_(False))
+        return self
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if self._vae is not None:

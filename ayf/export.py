@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, build_object, network_from, read_checkpoint
+from ayf.encoders import VAEEncoder, encoder_from_manifest
 from ayf.errors import ConfigError
 from ayf.nn.cond import Cond
 from ayf.nn.flow_map import FlowMap
 
 try:
-    from diffusers import DiffusionPipeline, FlowMapEulerDiscreteScheduler, ModelMixin
+    from diffusers import AutoencoderKL, DiffusionPipeline, FlowMapEulerDiscreteScheduler, ModelMixin
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils import BaseOutput
@@ -59,13 +60,16 @@ class FlowMapModel(ModelMixin, ConfigMixin):
         num_train_timesteps: the scheduler's time scale (``timestep = t * num_train_timesteps``).
         guidance_scale: the guidance scale used when a call gives none (a guided student only).
         source: where the weights came from (the checkpoint, its kind and step), for the record.
+        encoder: for latent data, the encoder record (:mod:`ayf.encoders`: normalisation, pixel
+            range) by which the pipeline's ``vae`` decodes the samples; None for pixels.
     """
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, network: dict, data_shape: list, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                 guidance_scale: Optional[float] = None, source: Optional[str] = None):
+                 guidance_scale: Optional[float] = None, source: Optional[str] = None,
+                 encoder: Optional[dict] = None):
         super().__init__()
         self.net = build_flow_map(network)
 
@@ -101,14 +105,27 @@ class FlowMapPipeline(DiffusionPipeline):
     """Samples an exported flow map: ``FlowMapPipeline.from_pretrained(folder)(num_inference_steps=4)``.
 
     One model call per step on the scheduler's grid (uniform in t by default, ``shift`` as its
-    config says), each a jump ``x_t -> x_r`` of the flow map; deterministic given the noise.
+    config says), each a jump ``x_t -> x_r`` of the flow map; deterministic given the noise. A flow
+    map of latent data comes with its ``vae``, which decodes the samples (the flow map's config
+    holds the latent normalisation).
     """
 
-    model_cpu_offload_seq = "flow_map"
+    model_cpu_offload_seq = "flow_map->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, flow_map: FlowMapModel, scheduler: FlowMapEulerDiscreteScheduler):
+    def __init__(self, flow_map: FlowMapModel, scheduler: FlowMapEulerDiscreteScheduler,
+                 vae: Optional[AutoencoderKL] = None):
         super().__init__()
-        self.register_modules(flow_map=flow_map, scheduler=scheduler)
+        self.register_modules(flow_map=flow_map, scheduler=scheduler, vae=vae)
+
+    def decoder(self) -> Optional[VAEEncoder]:
+        """The encoder that turns this flow map's latents into pixels (None for pixel data)."""
+        record = self.flow_map.config.encoder
+        if record is None:
+            return None
+        if self.vae is None:
+            raise ValueError("this flow map samples latents but the pipeline has no vae to decode them")
+        return encoder_from_manifest({**record, "folder": "vae"}).attach(self.vae)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, class_labels=None,
@@ -116,8 +133,9 @@ class FlowMapPipeline(DiffusionPipeline):
                  latents: Optional[torch.Tensor] = None, output_type: str = "pil", return_dict: bool = True):
         """Samples ``batch_size`` examples (or as many as ``latents``, the noise ``x_1``).
 
-        output_type: ``pil`` or ``np`` (images, pixels in [0, 1] for ``np``), or ``pt`` (the raw
-        samples in model units, any data shape)."""
+        output_type: ``pil`` or ``np`` (images, pixels in [0, 1] for ``np``), ``pt`` (pixels in model
+        units, [-1, 1]; for vector data the samples) or ``latent`` (a latent flow map's samples,
+        undecoded)."""
         model = self.flow_map
         if latents is None:
             latents = randn_tensor((batch_size, *model.config.data_shape), generator=generator, device=self.device,
@@ -130,7 +148,10 @@ class FlowMapPipeline(DiffusionPipeline):
             r = sigmas[i + 1] * scale
             out = model(x, t, r, class_labels=class_labels, guidance_scale=guidance_scale).sample
             x = self.scheduler.step(out, t, x, r_timestep=r).prev_sample
-        images = to_output(x, output_type)
+        decoder = self.decoder()
+        if output_type != "latent" and decoder is not None:
+            x = decoder.to(x.device).decode(x)
+        images = to_output(x, "pt" if output_type == "latent" else output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
@@ -202,12 +223,17 @@ def export(ckpt_path: str, output: str, use_ema: bool = True, overwrite: bool = 
     if float(sampling.get("gamma") or 0.0) > 0.0:
         raise ConfigError(f"{ckpt_path} samples with gamma {sampling['gamma']} (a consistency model), which "
                           "FlowMapEulerDiscreteScheduler does not do: only deterministic flow maps export")
+    encoder = record.get("encoder")
+    vae = None
+    if encoder is not None:  # latent data: the VAE goes with it, its folder not named
+        vae = encoder_from_manifest(encoder).vae
+        encoder = {k: v for k, v in encoder.items() if k != "folder"}
     model = FlowMapModel(network=portable_config(net, record["net"]), data_shape=list(record["data_shape"]),
                          guidance_scale=sampling.get("guidance") if net.guidance_emb is not None else None,
-                         source=source)
+                         source=source, encoder=encoder)
     model.net.load_state_dict(net.state_dict())
     pipe = FlowMapPipeline(flow_map=model.eval(), scheduler=FlowMapEulerDiscreteScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS))
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS), vae=vae)
     tmp = output.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -39,14 +39,16 @@ def ayf_samples(ckpt, noise, classes, tmp, steps=(1, 2, 4)):
     return out
 
 
-def assert_diffusers_samples(folder, noise, ours, labels=None, **kw):
-    """Sampling the exported folder in diffusers (the README's loop, and the pipeline) gives ``ours``."""
+def assert_diffusers_samples(folder, noise, ours, labels=None, output_type="pt", **kw):
+    """Sampling the exported folder in diffusers (the README's loop, and the pipeline's
+    ``output_type``: ``latent`` for a flow map of latents) gives ``ours``."""
     from ayf.export import FlowMapPipeline
 
     pipe = FlowMapPipeline.from_pretrained(folder)
     for steps, expected in ours.items():
         theirs = diffusers_loop(folder, noise, steps, class_labels=labels, **kw)
         torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
-        piped = pipe(num_inference_steps=steps, class_labels=labels, latents=noise, output_type="pt", **kw).images
+        piped = pipe(num_inference_steps=steps, class_labels=labels, latents=noise, output_type=output_type,
+                     **kw).images
         torch.testing.assert_close(piped, expected, rtol=1e-5, atol=1e-5)
     return pipe

@@ -14,11 +14,11 @@ diffusers = pytest.importorskip("diffusers")
 EDM2_MEAN, EDM2_STD = [5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28]
 
 
-def tiny_vae(folder, latent_channels=4, seed=0):
+def tiny_vae(folder, latent_channels=4, seed=0, channels=3):
     """A random AutoencoderKL small enough for the CPU (downsampling by 2), saved in ``folder``."""
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
         latent_channels=latent_channels, norm_num_groups=8, sample_size=16)
     vae.save_pretrained(folder)

@@ -15,7 +15,8 @@ from ayf.figures import grid_figure
 class ImageGrid(L.Callback):
     """After each validation run, samples the same seeds (and class labels, one class per
     column) at each step count, beside the teacher's samples from that noise, and logs the grid
-    to TensorBoard (``grids``) and as ``<log_dir>/grids/step_<k>.png``. Image data only.
+    to TensorBoard (``grids``) and as ``<log_dir>/grids/step_<k>.png``. Image data only; latents
+    are decoded by the data's encoder first.
 
     Args:
         steps: step counts to draw (default: 1, 2, 4 and 8 jumps of a flow map; 8, 16 and 32
@@ -46,8 +47,9 @@ class ImageGrid(L.Callback):
         panels = {}
         with sampling_weights(trainer, pl_module):
             for k in step_counts(self.steps, pl_module, (8, 16, 32)):
-                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.generate(noise, k, label=label)
+                panels[f"{k} step{'s' if k > 1 else ''}"] = pl_module.to_pixels(pl_module.generate(noise, k, label=label))
             if self.teacher_steps and hasattr(pl_module, "teacher_generate"):
-                panels[f"teacher, Euler {self.teacher_steps}"] = pl_module.teacher_generate(noise, self.teacher_steps, label)
+                panels[f"teacher, Euler {self.teacher_steps}"] = pl_module.to_pixels(
+                    pl_module.teacher_generate(noise, self.teacher_steps, label))
         cols = self.cols or (net.num_classes if net.num_classes > 0 else 8)
         publish_figure(trainer, grid_figure(panels, cols, f"{pl_module.kind} @ step {trainer.global_step}"), "grids")

@@ -23,6 +23,14 @@ from ayf.metrics.fidelity import fidelity_metrics, reference_features
 log = logging.getLogger("ayf.metrics")
 
 
+@torch.no_grad()
+def decoded_pixels(encoder, moments: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """uint8 pixels of stored latent moments: the encoder's decode of each posterior's mode."""
+    encoder = encoder.to(device)
+    return torch.cat([to_uint8(encoder.decode(encoder.mode(moments[i: i + batch_size].to(device).float()))).cpu()
+                      for i in range(0, len(moments), batch_size)])
+
+
 class FidelityMetrics(L.Callback):
     """Generates ``num_samples`` images at each step count and compares their features with the
     real training data (features cached beside the shards). Runs at the end of ``ayf test`` and,
@@ -88,6 +96,9 @@ class FidelityMetrics(L.Callback):
             def images():
                 x, y = dm.reference_images(count)
                 labels["y"] = y
+                encoder = getattr(dm, "encoder", None)
+                if encoder is not None and encoder.kind != "identity":  # latent shards: decoded posterior modes
+                    x = decoded_pixels(encoder, x, self.batch_size, pl_module.device)
                 return x
 
             feats = reference_features(self.extractor, images, count, folder, device=pl_module.device)
@@ -120,7 +131,7 @@ class FidelityMetrics(L.Callback):
                 y = pl_module.teacher_generate(x, k, label=lab, solver=solver[len("teacher_"):])
             else:
                 y = pl_module.generate(x, k, label=lab, **({} if solver == "flow_map" else {"solver": solver}))
-            out.append(to_uint8(y).cpu())
+            out.append(to_uint8(pl_module.to_pixels(y)).cpu())
         return torch.cat(out)
 
     def evaluate(self, trainer, pl_module, with_teacher: bool = False) -> Optional[dict]:

@@ -22,6 +22,7 @@ from ayf.checkpoints import (
     read_checkpoint,
     sampling_defaults,
 )
+from ayf.encoders import encoder_from_manifest
 from ayf.errors import ConfigError
 from ayf.figures import save_png
 from ayf.io import check_output
@@ -40,8 +41,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "when it is not beside the model")
     p.add_argument("--model_folder", default=None, help="with --ckpt_path of a diffusers student: its model folder, "
                    "when it moved since the checkpoint was written (the checkpoint records the old place)")
-    p.add_argument("--output", required=True, help="where to write the samples: .npy (model units), or .png "
-                   "(images only: a tiled grid, one class per column with --label all)")
+    p.add_argument("--output", required=True, help="where to write the samples: .npy (model units; latents for a "
+                   "model of latent data, unless --decode), or .png (images only: a tiled grid, one class per column "
+                   "with --label all; latents are decoded)")
+    p.add_argument("--decode", action="store_true", help="a model of latent data: write decoded pixels (model units) "
+                   "to the .npy instead of latents")
     p.add_argument("--steps", type=int, default=None, help="number of steps on a uniform grid (default 1)")
     p.add_argument("--grid", default=None, help="explicit times from 1 to 0, comma-separated, e.g. 1,0.6,0.3,0")
     p.add_argument("--num_samples", type=int, default=None, help="how many samples (default 1000, or the noise file's count)")
@@ -143,8 +147,15 @@ def run(args) -> int:
         model = velocity_teacher(net, record.get("label_dropout"), lam)
         lam = lam if model.reads_lam else None
     cond = Cond.build(len(noise), label=class_labels(args.label, net.num_classes, len(noise)), lam=lam)
+    encoder = encoder_from_manifest(record.get("encoder")) if record.get("encoder") else None
+    if args.decode and encoder is None:
+        raise ConfigError(f"--decode: {source} is a model of pixel data (no encoder recorded); leave it out")
+    decode = None
+    if encoder is not None and (png or args.decode):
+        decode = encoder.to(args.device).decode
+        print(f"ayf: decoding through the {encoder.describe()}")
     samples = generate_batched(model.to(args.device), noise, grid, cond, solver=solver, gamma=gamma, generator=gen,
-                               batch_size=args.batch_size, device=args.device,
+                               batch_size=args.batch_size, device=args.device, postprocess=decode,
                                progress=f"sampling ({solver}, {len(grid) - 1} steps)")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if png:
@@ -153,5 +164,6 @@ def run(args) -> int:
         print(f"wrote a {w}x{h}-pixel grid of {len(samples)} samples to {args.output}")
     else:
         np.save(args.output, samples.numpy())
-        print(f"wrote {len(samples)} samples of shape {shape} to {args.output}")
+        what = "decoded samples" if decode is not None else ("latent samples" if encoder is not None else "samples")
+        print(f"wrote {len(samples)} {what} of shape {tuple(samples.shape[1:])} to {args.output}")
     return 0

@@ -48,9 +48,25 @@ class Persistence:
     checkpoint_step = 0
 
     def record(self) -> dict:
-        """The ``ayf`` record of this task's checkpoints (and of its own sampling settings)."""
+        """The ``ayf`` record of this task's checkpoints (and of its own sampling settings); for data
+        in a latent space, its encoder (``ayf sample`` and ``ayf export`` decode through it)."""
+        encoder = self.data_encoder()
+        space = {} if encoder is None or encoder.kind == "identity" else {"encoder": encoder.to_manifest()}
         return make_record(self.kind, self.net_config(), self.net.data_shape, self.default_solver,
-                           getattr(self.objective, "sample_gamma", 0.0), self.sample_guidance, **self.record_extras())
+                           getattr(self.objective, "sample_gamma", 0.0), self.sample_guidance,
+                           **space, **self.record_extras())
+
+    def data_encoder(self):
+        """The encoder of the attached data (:mod:`ayf.encoders`; the identity for pixels), or None."""
+        trainer = getattr(self, "_trainer", None)
+        return getattr(getattr(trainer, "datamodule", None), "encoder", None) if trainer is not None else None
+
+    @torch.no_grad()
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples in the data's space as pixels in model units: latents decoded by the data's
+        encoder, anything else unchanged (what grids and FD / KID / PR look at)."""
+        encoder = self.data_encoder()
+        return x if encoder is None else encoder.to(x.device).decode(x)
 
     def record_extras(self) -> dict:
         """Plain data a task adds to its record."""
