@@ -77,6 +77,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     s.add_argument("--root", required=True, help="folder with one sub-folder per class, or images directly")
     s.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="1 (grayscale) or 3 (RGB); default: from the first image")
+    s.add_argument("--resolution", type=int, default=None,
+                   help="scale each image's short side to N and crop the centre square (ImageNet's usual crop); "
+                        "default: keep the images as they are (all of one size)")
     return p
 
 
@@ -88,7 +91,9 @@ def make_source(args) -> Source:
     if args.source == "arrays":
         return Source(*arrays_source(args.images, args.labels, args.images_key, args.labels_key))
     items, classes = folder_images(args.root)
-    return Source(None, class_names=classes, paths=items, channels=args.channels)
+    if args.resolution is not None and args.resolution < 1:
+        raise ConfigError(f"--resolution must be a positive size, got {args.resolution}")
+    return Source(None, class_names=classes, paths=items, channels=args.channels, resolution=args.resolution)
 
 
 LATENT_OPTIONS = ("vae_normalisation", "vae_pixel_range", "stored", "latent_dtype", "batch_size", "device")

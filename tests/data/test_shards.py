@@ -246,6 +246,30 @@ def test_folder_source_classes_from_subfolders(tmp_path):
         assert int(s["label"]) == j // 3 and np.array_equal(s["x"].numpy(), expected[(cls, i)])
 
 
+def test_folder_source_crops_images_of_any_size_to_the_resolution(tmp_path):
+    """--resolution: the short side scaled to N, the centre square kept (a wide image loses its
+    sides, a tall one its top and bottom); images of several sizes make one data set."""
+    from PIL import Image
+
+    from ayf.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, 32:64] = 255  # the centre third white: all that is kept
+    tall = np.zeros((70, 20, 3), dtype=np.uint8)
+    tall[30:40] = 200  # a band across the middle (the middle half of the kept square)
+    Image.fromarray(wide).save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(tall).save(tmp_path / "imgs" / "b.png")
+    assert main(["shards", "folder", "--root", str(tmp_path / "imgs"), "--resolution", "8",
+                 "--output", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / MANIFEST).read_text())["shape"] == [3, 8, 8]
+    a, b = (s["x"].numpy() for s in read_all(str(tmp_path / "s")))
+    assert (a == 255).all()
+    assert b[:, 0].max() < 40 and b[:, -1].max() < 40 and (b[:, 3:5] > 150).all()  # the band, centred
+    assert main(["shards", "folder", "--root", str(tmp_path / "imgs"), "--resolution", "0",
+                 "--output", str(tmp_path / "t")]) == 2
+
+
 def test_digits_source_scales_to_full_range(tmp_path):
     from ayf.cli import main
 
