@@ -69,3 +69,28 @@ def imagenet64_layout(root):
     guide = export_like("tiny_cond", os.path.join(weights, "edm2-img64-xs.pt"), model_channels=8)
     convert(guide, os.path.join(weights, "edm2-img64-xs.ckpt"))
     teacher_shards(s, os.path.join(root, "data", "imagenet64"))
+
+
+def imagenet512_layout(root):
+    """The files the configs/imagenet512 recipes read, under ``root``: weights/sd-vae (a tiny random
+    AutoencoderKL, (3, 16, 16) pixels to (4, 8, 8) latents), weights/edm2-img512-{s,xs}.ckpt (tiny
+    random EDM2 networks of those latents and the fixture's 3 classes, converted) and
+    data/imagenet512/{train,val} (latent shards, through the VAE with EDM2's normalisation, of
+    images whose class is a bright corner)."""
+    from tests.test_encoders import tiny_vae
+
+    weights = os.path.join(root, "weights")
+    os.makedirs(weights, exist_ok=True)
+    vae = tiny_vae(os.path.join(weights, "sd-vae"), channels=3)
+    for name, changes in (("s", {}), ("xs", {"model_channels": 8})):
+        export = export_like("tiny_cond", os.path.join(weights, f"edm2-img512-{name}.pt"), img_channels=4, **changes)
+        convert(export, os.path.join(weights, f"edm2-img512-{name}.ckpt"))
+    rng = np.random.default_rng(0)
+    labels = np.arange(48) % 3
+    images = rng.integers(0, 60, size=(48, 16, 16, 3)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 8 * (c % 2): 8 * (c % 2) + 8, 8 * (c // 2): 8 * (c // 2) + 8] = 230
+    arrays = os.path.join(root, "imagenet512_pixels.npz")
+    np.savez(arrays, images=images, labels=labels)
+    assert main(["shards", "arrays", "--images", arrays, "--output", os.path.join(root, "data", "imagenet512"),
+                 "--val_fraction", "0.25", "--vae", vae, "--vae_normalisation", "edm2_sd"]) == 0

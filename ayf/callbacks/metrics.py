@@ -47,7 +47,11 @@ class FidelityMetrics(L.Callback):
             sampling scale, like the grids) at these ODE step counts with each of ``solvers``,
             from the same noise, in ``ayf test`` only (rows ``teacher_<solver>_<steps>``).
         num_samples: generated images per setting.
-        reference_count: real images to compare with (default: the whole training set).
+        reference_count: real images to compare with (default: the whole reference set).
+        reference: a folder of pixel shards to compare with (for latent data: the images the latents
+            were encoded from, as the paper's FID does). Default: the training shards; latent ones
+            are decoded from their posterior means, so that FID then leaves out the VAE's own
+            reconstruction error.
         every_n_steps: evaluate every this many training steps during fit (0: only in test).
         batch_size: generation batch size.
         seed: seed of the noise and class labels (the same for every setting).
@@ -69,6 +73,7 @@ class FidelityMetrics(L.Callback):
         output: Optional[str] = None,
         kid_subset_size: int = 1000,
         teacher_steps: List[int] = (),
+        reference: Optional[str] = None,
     ):
         if num_samples < 2 or batch_size < 1 or every_n_steps < 0 or not steps or min(list(steps) + list(teacher_steps)) < 1:
             raise ConfigError("FidelityMetrics needs num_samples >= 2, batch_size >= 1, every_n_steps >= 0 and steps >= 1")
@@ -80,7 +85,7 @@ class FidelityMetrics(L.Callback):
         self.teacher_steps = [int(k) for k in teacher_steps]
         self.num_samples, self.reference_count = num_samples, reference_count
         self.every_n_steps, self.batch_size, self.seed = every_n_steps, batch_size, seed
-        self.output, self.kid_subset_size = output, kid_subset_size
+        self.output, self.kid_subset_size, self.reference = output, kid_subset_size, reference
         self._real = None
 
     # --- pieces -----------------------------------------------------------------------------
@@ -89,21 +94,24 @@ class FidelityMetrics(L.Callback):
             dm = trainer.datamodule
             if not hasattr(dm, "reference_images"):
                 raise ConfigError("FidelityMetrics needs image data (ayf.data.ImageShards)")
-            count = self.reference_count or len(dm.train_source)
-            folder = getattr(dm.train_source, "folder", None)
+            source = dm.reference_source(self.reference) if self.reference else dm.train_source
+            count = self.reference_count or len(source)
+            folder = getattr(source, "folder", None)
+            latent = getattr(source, "space", "pixels") == "latent"
+            self._reference_what = os.path.realpath(str(folder or source.spec)) + (
+                " (latents decoded from their posterior means)" if latent else "")
             labels = {}
 
             def images():
-                x, y = dm.reference_images(count)
+                x, y = dm.reference_images(count, source=source)
                 labels["y"] = y
-                encoder = getattr(dm, "encoder", None)
-                if encoder is not None and encoder.kind != "identity":  # latent shards: decoded posterior modes
-                    x = decoded_pixels(encoder, x, self.batch_size, pl_module.device)
+                if latent:  # no pixels stored: decoded posterior modes
+                    x = decoded_pixels(dm.encoder, x, self.batch_size, pl_module.device)
                 return x
 
             feats = reference_features(self.extractor, images, count, folder, device=pl_module.device)
             if pl_module.net.num_classes > 0 and "y" not in labels:
-                labels["y"] = dm.reference_images(count)[1]
+                labels["y"] = dm.reference_images(count, source=source)[1]
             self._real = (feats, labels.get("y"))
         return self._real
 
@@ -172,7 +180,8 @@ class FidelityMetrics(L.Callback):
         record = {"step": step, "checkpoint": trainer.ckpt_path, "teacher": teacher_checkpoints(trainer.lightning_module),
                   "extractor": self.extractor.name,
                   "guidance": getattr(trainer.lightning_module, "sample_guidance", None),
-                  "num_samples": self.num_samples, "reference_count": len(self._real[0]), "results": results}
+                  "num_samples": self.num_samples, "reference": self._reference_what,
+                  "reference_count": len(self._real[0]), "results": results}
         log_dir = run_dir(trainer)
         os.makedirs(log_dir, exist_ok=True)
         if periodic:

@@ -50,6 +50,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     common.add_argument("--max_size_mb", type=float, default=64.0, help="size cap of one shard, MB (uncompressed)")
     common.add_argument("--gzip", action="store_true", help="write .tar.gz shards")
     common.add_argument("--limit", type=int, default=None, help="write only the first N images")
+    common.add_argument("--subset", type=int, default=None, help="write a random N of the images (seeded by "
+                        "--seed), every class in its share: e.g. a 50k reference set for FID")
     vae = common.add_argument_group("latents (a diffusers AutoencoderKL; needs ayf[diffusers])")
     vae.add_argument("--vae", default=None, metavar="DIR",
                      help="store the latents of the AutoencoderKL saved in DIR instead of pixels")
@@ -126,8 +128,13 @@ def run(args) -> int:
                                          "batch_size": args.batch_size or 32, "device": args.device}
     if encoder is not None:
         print(f"encoding with {encoder.describe()}")
+    source = make_source(args)
+    if args.subset is not None:
+        if args.limit is not None:
+            raise ConfigError("give --subset or --limit, not both")
+        source = source.subset(args.subset, args.seed)
     manifests = write_dataset(
-        make_source(args), args.output, val_fraction=args.val_fraction, seed=args.seed, pad=args.pad,
+        source, args.output, val_fraction=args.val_fraction, seed=args.seed, pad=args.pad,
         limit=args.limit, overwrite=args.overwrite, max_bytes=int(args.max_size_mb * (1 << 20)), gzip=args.gzip,
         **latent,
     )

@@ -385,6 +385,16 @@ class ImageShards(L.LightningDataModule):
                 break
         return {"x": torch.stack(xs), **({"label": torch.stack(ys)} if ys else {})}
 
+    def reference_source(self, spec: Optional[str] = None) -> ShardSource:
+        """The shards FD / KID / precision / recall compare against: ``spec`` (a folder of pixel
+        shards, e.g. the images a latent data set was encoded from) or the training shards."""
+        if spec is None:
+            return self.train_source
+        source = ShardSource(spec)
+        if source.space != "pixels":
+            raise ConfigError(f"the reference {spec} holds latents; give pixel shards (ayf shards without --vae)")
+        return source
+
     def reference_images(self, limit: Optional[int] = None, source: Optional[ShardSource] = None):
         """uint8 ``(N, C, H, W)`` images (and labels or None) read once, in order: the real
         data that FD / KID / precision / recall compare against (default: training shards).

@@ -482,8 +482,24 @@ class Source:
             return img, label
         return self.images[i], (None if self.labels is None else int(self.labels[i]))
 
+    def subset(self, n: int, seed: int = 0) -> "Source":
+        """A seeded random ``n`` of this source's images (in their order), with the whole
+        source's classes: a reference set that samples every class, where ``limit`` takes the first."""
+        if not 0 < n <= len(self):
+            raise ConfigError(f"--subset must lie in 1..{len(self)} (the source's images), got {n}")
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        if self.paths is not None:
+            sub = Source(None, class_names=self.class_names, paths=[self.paths[i] for i in keep],
+                         channels=self.channels, resolution=self.resolution)
+        else:
+            sub = Source(self.images[keep], None if self.labels is None else self.labels[keep], self.class_names)
+        sub.fixed_classes = self.num_classes
+        return sub
+
     @property
     def num_classes(self) -> int:
+        if getattr(self, "fixed_classes", None) is not None:
+            return self.fixed_classes
         if self.class_names:
             return len(self.class_names)
         if self.labels is not None:

@@ -270,6 +270,26 @@ def test_folder_source_crops_images_of_any_size_to_the_resolution(tmp_path):
                  "--output", str(tmp_path / "t")]) == 2
 
 
+def test_a_subset_is_a_seeded_random_share_of_every_class(tmp_path):
+    """--subset N: N images drawn at random (not the first N, which would be the first classes),
+    the whole source's class count kept, the same N for the same seed."""
+    from ayf.cli import main
+
+    images = np.repeat(np.arange(100, dtype=np.uint8), 16).reshape(100, 4, 4)
+    labels = np.arange(100) // 10  # sorted by class, as a folder of class sub-folders is
+    labels[-1] = 10  # a class of one image, which the seed-0 subset leaves out
+    np.savez(tmp_path / "a.npz", images=images, labels=labels)
+    for name, seed in (("s", "0"), ("t", "0"), ("u", "1")):
+        assert main(["shards", "arrays", "--images", str(tmp_path / "a.npz"), "--subset", "30", "--seed", seed,
+                     "--output", str(tmp_path / name)]) == 0
+    kept = {n: [int(x["x"][0, 0, 0]) for x in read_all(str(tmp_path / n))] for n in "stu"}
+    assert len(kept["s"]) == 30 and kept["s"] == kept["t"] != kept["u"] and kept["s"] == sorted(kept["s"])
+    assert len({k // 10 for k in kept["s"]}) >= 8 and max(kept["s"]) > 50
+    assert 99 not in kept["s"] and json.loads((tmp_path / "s" / MANIFEST).read_text())["num_classes"] == 11
+    assert main(["shards", "arrays", "--images", str(tmp_path / "a.npz"), "--subset", "101",
+                 "--output", str(tmp_path / "v")]) == 2
+
+
 def test_digits_source_scales_to_full_range(tmp_path):
     from ayf.cli import main
 

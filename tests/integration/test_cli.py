@@ -15,7 +15,7 @@ from ayf.checkpoints import load_network
 from ayf.cli import main
 from ayf.math.samplers import sample_flow_map
 from ayf.math.times import time_grid
-from tests.edm2_runs import imagenet64_layout
+from tests.edm2_runs import imagenet64_layout, imagenet512_layout
 from tests.toy_runs import CONF, SMALL_NET, shipped, stage_args, toy_args, write_image_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -292,7 +292,7 @@ FIT_HERE = [stage for stage in STAGES if stage not in FIT_ELSEWHERE]
 READS = {"distill_emd": ["teacher"], "distill_cfg": ["teacher"], "distill_autoguidance": ["teacher"],
          "adversarial": ["teacher", "distill_emd"], "adversarial_multistep": ["teacher", "distill_emd"],
          "adversarial_autoguidance": ["teacher", "distill_autoguidance"], "realign": ["teacher_edm2"]}
-# the imagenet64 recipes read the converted EDM2 fixtures (tests/edm2_runs.py) and these stages
+# the imagenet64 and imagenet512 recipes read converted EDM2 networks (tests/edm2_runs.py) and these stages
 READS_IMAGENET64 = {"distill_autoguidance": ["realign"], "adversarial": ["realign", "distill_autoguidance"]}
 @pytest.fixture(scope="module")
 def fit_stage(tmp_path_factory):
@@ -303,12 +303,14 @@ def fit_stage(tmp_path_factory):
 
     def fit(dataset, stage):
         if (dataset, stage) not in done:
-            reads = {"toy": {}, "imagenet64": READS_IMAGENET64}.get(dataset, READS)
+            reads = {"toy": {}, "imagenet64": READS_IMAGENET64, "imagenet512": READS_IMAGENET64}.get(dataset, READS)
             for earlier in reads.get(stage, []):
                 fit(dataset, earlier)
             with contextlib.chdir(root):
                 if dataset == "imagenet64" and not os.path.isdir("data/imagenet64"):
                     imagenet64_layout(".")
+                elif dataset == "imagenet512" and not os.path.isdir("data/imagenet512"):
+                    imagenet512_layout(".")
                 elif dataset == "points" and not os.path.isdir("data/points"):
                     assert main(["points", "moons", "--output", "data/points/moons.npz", "--n", "400"]) == 0
                 elif dataset not in ("toy", "points") and not os.path.isdir(f"data/{dataset}"):

@@ -12,6 +12,7 @@ import torch
 
 from ayf.checkpoints import read_checkpoint
 from ayf.cli import main
+from ayf.errors import ConfigError
 from tests.export_checks import assert_diffusers_samples, ayf_samples
 from tests.toy_runs import CONF, blobs, shipped
 
@@ -47,6 +48,10 @@ def test_digits_in_a_vae_latent_space_from_shards_to_diffusers(tmp_path, monkeyp
     assert main(["shards", "arrays", "--images", "blobs.npz", "--output", "data/pixels", *split]) == 0
     assert main(["shards", "arrays", "--images", "blobs.npz", "--output", "data/digits", *split,
                  "--vae", vae, "--vae_normalisation", "edm2_sd"]) == 0
+    from ayf.data import ImageShards
+
+    with pytest.raises(ConfigError, match="holds latents; give pixel shards"):
+        ImageShards(train="data/digits/train").reference_source("data/digits/val")
     # the classifier features of FD / KID / PR look at pixels: the decoded samples, and the decoded data
     assert main(["features", "fit", "--train", "data/pixels/train", "--output", "data/digits/features.pt",
                  "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0
@@ -60,6 +65,16 @@ def test_digits_in_a_vae_latent_space_from_shards_to_diffusers(tmp_path, monkeyp
     student_ckpt = only("runs/digits/distill_emd/version_0/checkpoints/last.ckpt")
     assert main(["test", *student, "--ckpt_path", student_ckpt]) == 0
 
+    # against the pixel images the latents were encoded from, not their decoded posterior means
+    with open("pixel_reference.yaml", "w") as fh:
+        fh.write(open(os.path.join(CONF, "digits", "distill_emd_fidelity.yaml")).read().replace(
+            "teacher_steps: [2, 4]", "teacher_steps: [2, 4]\n      reference: data/pixels/train"))
+    assert main(["test", *digits("distill_emd"), "--config", "pixel_reference.yaml", "--ckpt_path", student_ckpt]) == 0
+    decoded_ref, pixel_ref = (json.load(open(f"runs/digits/distill_emd/version_{k}/fidelity.json")) for k in (1, 2))
+    assert decoded_ref["reference"].endswith("(latents decoded from their posterior means)")
+    assert pixel_ref["reference"] == os.path.realpath("data/pixels/train")
+    assert pixel_ref["results"]["flow_map_1"]["fd"] != decoded_ref["results"]["flow_map_1"]["fd"]
+    # the samples are the same (same noise and labels): only the reference moved
     record = read_checkpoint(student_ckpt)["ayf"]
     assert record["data_shape"] == [4, 8, 8] and record["encoder"]["kind"] == "vae"
     assert record["encoder"]["folder"] == os.path.abspath(vae)
