@@ -28,20 +28,42 @@ UNET_NET = {"class_path": "ayf.nn.FlowMap", "init_args": {
     "num_classes": 4, "guidance_input": True}}
 
 
-def diffusers_net(folder):
-    """A flow map on a tiny class-conditional UNet2DModel saved in ``folder``/unet (v-prediction DDPM)."""
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8, num_class_embeds=4)
+def on_diffusers_model(folder, model, scheduler):
+    """A flow map on a diffusers ``model`` saved in ``folder``/unet, its ``scheduler`` beside it."""
     model.save_pretrained(os.path.join(folder, "unet"))
-    diffusers.DDPMScheduler(prediction_type="v_prediction").save_pretrained(os.path.join(folder, "scheduler"))
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     return {"class_path": "ayf.nn.FlowMap", "init_args": {
         "backbone": {"class_path": "ayf.nn.diffusers.DiffusersBackbone",
                      "init_args": {"model": os.path.join(folder, "unet"), "scheduler": None, "context": None,
                                    "null_label": None, "out_of_range": "clamp", "math_attention": True}},
         "s_embedding": "t_minus_s"}}
+
+
+def diffusers_net(folder):
+    """A flow map on a tiny class-conditional UNet2DModel (v-prediction DDPM)."""
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                  attention_head_dim=8, num_class_embeds=4)
+    return on_diffusers_model(folder, model, diffusers.DDPMScheduler(prediction_type="v_prediction"))
+
+
+def dit_net(folder):
+    """A flow map on a tiny class-conditional DiT (3 classes, learned variance) under flow matching."""
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=4,
+                                            num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
+    return on_diffusers_model(folder, model, diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def edm2_net(folder):
+    """A guided flow map on a converted EDM2 network (the student of a converted teacher)."""
+    from ayf.checkpoints import read_checkpoint, student_config
+    from tests.edm2_runs import convert
+
+    teacher = convert("tiny_cond", os.path.join(folder, "teacher.ckpt"))
+    return student_config(read_checkpoint(teacher)["ayf"]["net"], guidance_input=True)
 
 
 def random_student(path, config, data_shape, guidance=None, seed=0):
@@ -59,15 +81,22 @@ def random_student(path, config, data_shape, guidance=None, seed=0):
     return net
 
 
-@pytest.mark.parametrize("case", ["mlp", "unet", "diffusers"])
+#: case -> (net config of a folder, data shape, classes, guidance scale of the record)
+CASES = {
+    "mlp": (lambda folder: MLP_NET, (2,), 3, 2.5),
+    "unet": (lambda folder: UNET_NET, (1, 8, 8), 4, 2.5),
+    "edm2": (edm2_net, (2, 8, 8), 3, 2.5),
+    "diffusers": (diffusers_net, (1, 8, 8), 4, None),
+    "dit": (dit_net, (2, 8, 8), 3, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, case):
     n = 6
-    if case == "diffusers":
-        config, shape, guidance, kw = diffusers_net(str(tmp_path)), (1, 8, 8), None, {}
-    else:
-        config, shape = (MLP_NET, (2,)) if case == "mlp" else (UNET_NET, (1, 8, 8))
-        guidance, kw = 2.5, {"guidance_scale": 2.5}
-    classes = 3 if case == "mlp" else 4
+    make, shape, classes, guidance = CASES[case]
+    config = make(str(tmp_path))
+    kw = {} if guidance is None else {"guidance_scale": guidance}
     ckpt = str(tmp_path / "student.ckpt")
     random_student(ckpt, config, shape, guidance)
     noise = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
@@ -75,7 +104,7 @@ def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, c
     ours = ayf_samples(ckpt, noise, classes, tmp_path)
     folder = str(tmp_path / "exported")
     assert main(["export", "--ckpt_path", ckpt, "--output", folder]) == 0
-    if case == "diffusers":  # self-contained: the model folder it was distilled from is not read again
+    if case in ("diffusers", "dit"):  # self-contained: the model folder it was distilled from is not read again
         os.rename(tmp_path / "unet", tmp_path / "gone")
     pipe = assert_diffusers_samples(folder, noise, ours, labels, **kw)
     # the steps matter, and so does every input the flow map reads
@@ -85,7 +114,7 @@ def test_an_exported_flow_map_samples_in_diffusers_as_ayf_samples_it(tmp_path, c
         assert (diffusers_loop(folder, noise, 4, class_labels=labels, guidance_scale=1.0) - ours[4]).abs().max() > 1e-3
         # the default guidance scale is the one the checkpoint records
         torch.testing.assert_close(diffusers_loop(folder, noise, 4, class_labels=labels), ours[4], rtol=1e-5, atol=1e-5)
-    if len(shape) == 3:
+    if shape[0] in (1, 3):
         images = pipe(num_inference_steps=2, class_labels=labels, latents=noise, output_type="pil", **kw).images
         assert len(images) == n and images[0].size == (8, 8)
     with open(os.path.join(folder, "model_index.json")) as f:
