@@ -26,6 +26,9 @@ def fit_classifier(train: str, val: Optional[str], output: str, epochs: int = 20
     """Train :class:`ClassifierNet` on labelled shards; save it with its validation accuracy."""
     out = Path(check_output(output, overwrite, suffixes=(".pt",)))
     dm = ImageShards(train, val)
+    if dm.train_source.space != "pixels":
+        raise ConfigError(f"{train} holds latents; the feature extractor looks at pixels: give the pixel shards the "
+                          "latents were encoded from (FidelityMetrics decodes samples before it)")
     if dm.num_classes < 2:
         raise ConfigError("the classifier feature extractor needs labelled shards (2 or more classes)")
     x, y = dm.reference_images()

@@ -29,7 +29,7 @@ import webdataset as wds
 
 from ayf.data.loaders import ResumableLoader, device_batch
 from ayf.data.shards import LATENT_DTYPES, MANIFEST, encoder_of, read_manifest, to_model_units
-from ayf.encoders import Encoder
+from ayf.encoders import Encoder, read_vae_config
 from ayf.errors import ConfigError
 
 log = logging.getLogger("ayf.data")
@@ -320,6 +320,12 @@ class ImageShards(L.LightningDataModule):
             if src is not None and same_space(src.encoder) != same_space(self.train_source.encoder):
                 raise ConfigError(f"{src.spec} ({src.encoder.describe()}) is not in the space of the training shards "
                                   f"({self.train_source.encoder.describe()})")
+        if self.train_source.encoder.kind == "vae":  # grids, FD, --decode and exports decode through it
+            try:
+                read_vae_config(self.train_source.encoder.folder)
+            except ConfigError as err:
+                raise ConfigError(f"the VAE of the latent shards {train}: {err} (their manifest.json names it in "
+                                  "encoder.folder)") from None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.global_batch_size = global_batch_size
         self.epoch_length = epoch_length or len(self.train_source)

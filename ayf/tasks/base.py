@@ -92,7 +92,7 @@ class AyfTask(Persistence, L.LightningModule):
 
     def setup(self, stage):
         if self._trainer is not None and self.trainer.is_global_zero:
-            for line in self.inputs():
+            for line in [*self.inputs(), *self.space_lines()]:
                 print(f"ayf: {line}", file=sys.stderr, flush=True)
         self.check_shapes(self.attached_datamodule())
         if getattr(self.objective, "compile_terms", False) and stage == "fit":

@@ -61,6 +61,11 @@ class Persistence:
         trainer = getattr(self, "_trainer", None)
         return getattr(getattr(trainer, "datamodule", None), "encoder", None) if trainer is not None else None
 
+    def space_lines(self) -> list:
+        """What ``ayf fit`` / ``ayf test`` print about the data's space (latent data: its encoder)."""
+        encoder = self.data_encoder()
+        return [] if encoder is None or encoder.kind == "identity" else [f"data: latents of the {encoder.describe()}"]
+
     @torch.no_grad()
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Samples in the data's space as pixels in model units: latents decoded by the data's

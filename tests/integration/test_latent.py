@@ -34,7 +34,7 @@ def only(pattern):
     return path
 
 
-def test_digits_in_a_vae_latent_space_from_shards_to_diffusers(tmp_path, monkeypatch):
+def test_digits_in_a_vae_latent_space_from_shards_to_diffusers(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     import ayf.callbacks.grids as grids
 
@@ -52,12 +52,20 @@ def test_digits_in_a_vae_latent_space_from_shards_to_diffusers(tmp_path, monkeyp
 
     with pytest.raises(ConfigError, match="holds latents; give pixel shards"):
         ImageShards(train="data/digits/train").reference_source("data/digits/val")
+    assert main(["features", "fit", "--train", "data/digits/train", "--output", "f.pt"]) == 2  # latents: refused
     # the classifier features of FD / KID / PR look at pixels: the decoded samples, and the decoded data
     assert main(["features", "fit", "--train", "data/pixels/train", "--output", "data/digits/features.pt",
                  "--epochs", "1", "--width", "4", "--feature_dim", "8"]) == 0
 
     teacher = [*digits("teacher", "teacher_fidelity"), *LATENT_NET]
+    os.rename("weights", "away")  # the VAE is needed to decode: a missing one is said at once, in one line
+    capsys.readouterr()
+    assert main(["fit", *teacher]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ayf: error:")]
+    assert "the VAE of the latent shards data/digits/train: VAE folder not found" in line
+    os.rename("away", "weights")
     assert main(["fit", *teacher]) == 0
+    assert f"ayf: data: latents of the VAE {os.path.abspath(vae)}" in capsys.readouterr().err
     teacher_ckpt = only("runs/digits/teacher/version_0/checkpoints/last.ckpt")
     assert main(["test", *teacher, "--ckpt_path", teacher_ckpt]) == 0
     student = digits("distill_emd", "distill_emd_fidelity")
