@@ -15,7 +15,7 @@ EPILOG = """example:
 then, in Python:
   from ayf.export import FlowMapPipeline
   pipe = FlowMapPipeline.from_pretrained("exported/digits")
-  images = pipe(batch_size=16, num_inference_steps=4, class_labels=list(range(10)) * 2 ...).images
+  images = pipe(batch_size=20, num_inference_steps=4, class_labels=list(range(10)) * 2).images
 """
 
 

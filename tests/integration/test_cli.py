@@ -333,16 +333,19 @@ def test_tiny_fit_of_a_shipped_stage(fit_stage, stage):
     assert os.path.isfile(run / ("samples" if dataset in ("toy", "points") else "grids") / f"step_{steps:07d}.png")
 
 
-def test_imagenet64_fid_overlay_parses_over_the_recipe(capsys):
-    """configs/imagenet64/fid.yaml (the `ayf test` overlay) layers over the distillation recipe."""
+@pytest.mark.parametrize("dataset", ["imagenet64", "imagenet512"])
+def test_imagenet_fid_overlay_parses_over_the_recipe(capsys, dataset):
+    """configs/<dataset>/fid.yaml (the `ayf test` overlay) layers over the distillation recipe."""
     with pytest.raises(SystemExit) as exit_:
-        main(["test", "--config", shipped("imagenet64", "distill_autoguidance"),
-              "--config", shipped("imagenet64", "fid"), "--print_config"])
+        main(["test", "--config", shipped(dataset, "distill_autoguidance"),
+              "--config", shipped(dataset, "fid"), "--print_config"])
     assert exit_.value.code == 0
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     metrics = [c for c in callbacks if c["class_path"] == "ayf.callbacks.FidelityMetrics"]
     assert len(metrics) == 1 and metrics[0]["init_args"]["steps"] == [1, 2, 4, 8]
     assert metrics[0]["init_args"]["extractor"]["class_path"] == "ayf.metrics.InceptionFeatures"
+    # latent data: FID against the pixel images the latents came from
+    assert metrics[0]["init_args"].get("reference") == ("data/imagenet512_pixels" if dataset == "imagenet512" else None)
 
 
 def test_every_config_that_keeps_checkpoints_keeps_the_best_one():
