@@ -1,11 +1,18 @@
-"""AYF-EMD and AYF-LMD tangents by forward-mode differentiation (docs/maths.md §3 and §4).
+"""AYF-EMD and AYF-LMD tangents (docs/maths.md §3 and §4), by forward-mode differentiation or
+by a finite difference.
 
 ``F_fn(x, t, s, cond) -> F`` is the student's average velocity; ``cond`` (class label, guidance
-scale) is held fixed: the JVP differentiates in x, t and s only. The JVP runs in the dtype of its
+scale) is held fixed: the derivative is taken in x, t and s only. It runs in the dtype of its
 inputs (in float32 inside autocast with ``float32``); tests run in float64.
 
-The JVP runs without an autograd graph (theta- = stopgrad(theta)); when grad is enabled the
-trainable prediction ``F`` comes from a second, ordinary forward pass.
+The derivative is taken without an autograd graph (theta- = stopgrad(theta)); when grad is enabled
+the trainable prediction ``F`` comes from an ordinary forward pass (which the JVP runs beside its
+own primal, and which a finite difference reuses as its base point).
+
+``method`` chooses the derivative (:data:`TANGENT_METHODS`): ``jvp`` (exact, ``torch.func.jvp``),
+``forward`` (``(F(p + h d) - F(p)) / h``, error O(h), one extra forward pass) or ``central``
+(``(F(p + h d) - F(p - h d)) / 2h``, error O(h^2), two). A difference is a plain forward pass:
+it runs through fused attention kernels and sharded models, which forward-mode AD does not.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ayf.math.flow_map import bcast
 
 FFn = Callable[..., torch.Tensor]
+#: how the tangent's derivative is computed
+TANGENT_METHODS = ("jvp", "forward", "central")
 
 
 def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False):
@@ -39,43 +48,82 @@ def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: boo
     return F.detach(), dF.detach()
 
 
-def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32):
-    """``(F with graph, F-, dF)``: the JVP, and the trainable prediction from a second forward
-    pass (the JVP's own primal when grad is off)."""
-    F_minus, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, float32=jvp_float32)
-    F = F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
+def difference_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, central: bool = True, step: float = 1e-3,
+                                float32: bool = False, primal=None):
+    """``F-, dF``: the derivative of ``F_fn(., ., ., cond)`` at ``(x, t, s)`` along ``(dx, dt, ds)``
+    by a finite difference of step ``step``, without grad, both detached.
+
+    central: ``(F(p + h d) - F(p - h d)) / 2h``; otherwise ``(F(p + h d) - F(p)) / h``, whose base
+    point ``F(p)`` is ``primal`` when given (the trainable forward pass, detached). ``float32``: as
+    for :func:`jvp_average_velocity` (inside autocast the differences run in float32, autocast off;
+    a difference of low-precision outputs would be mostly rounding)."""
+    ctx = contextlib.nullcontext()
+    if float32 and torch.is_autocast_enabled(x.device.type):
+        ctx = torch.autocast(x.device.type, enabled=False)
+        x, t, s, dx, dt, ds = (a.float() for a in (x, t, s, dx, dt, ds))
+        primal = None  # computed under autocast: not the float32 base point
+    h = float(step)
+    with torch.no_grad(), ctx:
+        def at(sign):
+            return F_fn(x + (sign * h) * dx, t + (sign * h) * dt, s + (sign * h) * ds, cond)
+
+        base = primal.detach().to(x.dtype) if primal is not None else None
+        if central:
+            dF = (at(1.0) - at(-1.0)) / (2 * h)
+            base = F_fn(x, t, s, cond) if base is None else base
+        else:
+            base = F_fn(x, t, s, cond) if base is None else base
+            dF = (at(1.0) - base) / h
+    return base.detach(), dF.detach()
+
+
+def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, method: str = "jvp", step: float = 1e-3):
+    """``(F with graph, F-, dF)``: the derivative (``method``), and the trainable prediction from
+    an ordinary forward pass (the JVP's own primal when grad is off; a difference's base point)."""
+    if method == "jvp":
+        F_minus, dF = jvp_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, float32=jvp_float32)
+        F = F_fn(x, t, s, cond) if torch.is_grad_enabled() else F_minus
+        return F, F_minus, dF
+    if method not in TANGENT_METHODS:
+        raise ValueError(f"unknown tangent method {method!r}; choose one of {', '.join(TANGENT_METHODS)}")
+    F = F_fn(x, t, s, cond)
+    F_minus, dF = difference_average_velocity(F_fn, x, t, s, dx, dt, ds, cond, central=method == "central",
+                                              step=step, float32=jvp_float32, primal=F)
     return F, F_minus, dF
 
 
-def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False):
+def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False,
+                method: str = "jvp", step: float = 1e-3):
     """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
     fixed) and ``g = (v - F-) + r (s - t) dF/dt``, which equals ``d/dt f(x_t, t, s)`` at r = 1
     and vanishes at the exact flow map. v: teacher velocity at ``(x_t, t)``, ``(B, *D)``.
 
-    ``jvp_float32``: the JVP in float32 inside autocast (:func:`jvp_average_velocity`).
+    ``jvp_float32``: the derivative in float32 inside autocast (:func:`jvp_average_velocity`);
+    ``method``, ``step``: the JVP or a finite difference of that step (module docstring).
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F, F_minus, dF_dt = _jvp_and_prediction(F_fn, x_t, t, s, v, torch.ones_like(t), torch.zeros_like(s), cond,
-                                            jvp_float32)
+                                            jvp_float32, method, step)
     g = (v.to(F_minus.dtype) - F_minus) + r * bcast(s - t, x_t).to(F_minus.dtype) * dF_dt
     return F, g
 
 
-def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False):
+def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False,
+                method: str = "jvp", step: float = 1e-3):
     """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and
     ``df/ds = F- + (s - t) dF/ds``; then ``g = v_phi(f-, s) - df/ds``, zero at the exact map.
-    velocity_fn(x, s, cond) is the (guided) teacher, called without grad. ``jvp_float32``: as for
-    :func:`emd_tangent`.
+    velocity_fn(x, s, cond) is the (guided) teacher, called without grad. ``jvp_float32``,
+    ``method``, ``step``: as for :func:`emd_tangent`.
 
     Returns ``(F, g)``: F ``(B, *D)`` with graph, g unnormalised and detached.
     """
     F, F_minus, dF_ds = _jvp_and_prediction(F_fn, x_t, t, s, torch.zeros_like(x_t), torch.zeros_like(t),
-                                            torch.ones_like(s), cond, jvp_float32)
+                                            torch.ones_like(s), cond, jvp_float32, method, step)
     gap = bcast(s - t, x_t).to(F_minus.dtype)
     f_minus = x_t + gap * F_minus
     with torch.no_grad():

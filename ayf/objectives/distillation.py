@@ -11,7 +11,7 @@ from ayf.errors import ConfigError
 from ayf.math.flow_map import bcast, two_jump_velocity
 from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
 from ayf.math.path import interpolate
-from ayf.math.tangents import emd_tangent, lmd_tangent, normalize_tangent, warmup_ratio
+from ayf.math.tangents import TANGENT_METHODS, emd_tangent, lmd_tangent, normalize_tangent, warmup_ratio
 from ayf.math.times import TimePairSampler
 from ayf.nn.embeddings import FourierFeatures
 from ayf.nn.flow_map import FlowMap
@@ -51,8 +51,15 @@ class DistillationObjective(Objective):
             own two-jump map through the midpoint instead of the tangent, normalised like it
             (docs/maths.md §12); 0 is plain AYF. Pairs with ``s = t`` keep the tangent.
         jvp_float32: inside mixed precision (``--trainer.precision bf16-mixed``), compute the
-            student's JVP in float32 (the tangent is where low precision costs accuracy); false
-            runs it under autocast like the rest of the step (faster, less exact).
+            student's JVP (or finite difference) in float32 (the tangent is where low precision
+            costs accuracy); false runs it under autocast like the rest of the step (faster, less
+            exact).
+        tangent_method: how the tangent's derivative of F is computed: ``jvp`` (exact forward-mode
+            AD, default), ``central`` or ``forward`` (a finite difference of step
+            ``difference_step``: plain forward passes without grad, which run through fused
+            attention and sharded models; docs/maths.md §3).
+        difference_step: the step h of a finite difference, in the units of t (EMD moves t by h
+            and x_t by h v along the teacher's ODE; LMD moves s by h).
         compile: run the loss terms (teacher call, JVP, forward) through ``torch.compile``.
     """
 
@@ -63,8 +70,13 @@ class DistillationObjective(Objective):
 
     def __init__(self, time_sampler: Optional[TimePairSampler] = None, tangent_norm: float = 0.1,
                  warmup: int = 10_000, weighting: str = "none", guidance_range: Sequence[float] = (1.0, 3.0),
-                 semigroup: float = 0.0, jvp_float32: bool = True, compile: bool = False):
+                 semigroup: float = 0.0, jvp_float32: bool = True, compile: bool = False,
+                 tangent_method: str = "jvp", difference_step: float = 1e-3):
         super().__init__(compile)
+        if tangent_method not in TANGENT_METHODS:
+            raise ConfigError(f"unknown tangent_method {tangent_method!r}; choose one of {', '.join(TANGENT_METHODS)}")
+        if not 0.0 < difference_step < 0.5:
+            raise ConfigError(f"difference_step must lie in (0, 0.5), got {difference_step}")
         if not 0.0 <= semigroup <= 1.0:
             raise ConfigError(f"semigroup is a share of the batch in [0, 1], got {semigroup}")
         if semigroup and self.to_data_only:
@@ -79,6 +91,7 @@ class DistillationObjective(Objective):
         self.time_sampler = time_sampler or TimePairSampler()
         self.tangent_norm, self.warmup, self.weighting = tangent_norm, int(warmup), weighting
         self.semigroup, self.jvp_float32, self._range = float(semigroup), jvp_float32, (lo, hi)
+        self.tangent_method, self.difference_step = tangent_method, float(difference_step)
         self.adaptive = AdaptiveWeight() if weighting == "adaptive" else None
         self.teacher: Optional[Teacher] = None
         self.guidance_range = None
@@ -164,7 +177,8 @@ class EMD(DistillationObjective):
     def tangent(self, net, x_t, t, s, cond, r):
         with torch.no_grad():
             v = self.teacher(x_t, t, cond)
-        return emd_tangent(net, x_t, t, s, v, r=r, cond=cond, jvp_float32=self.jvp_float32)
+        return emd_tangent(net, x_t, t, s, v, r=r, cond=cond, jvp_float32=self.jvp_float32,
+                           method=self.tangent_method, step=self.difference_step)
 
 
 class LMD(DistillationObjective):
@@ -172,7 +186,8 @@ class LMD(DistillationObjective):
     jump's end ``f(x_t, t, s)`` (docs/maths.md §4). It has no warm-up."""
 
     def tangent(self, net, x_t, t, s, cond, r):
-        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32)
+        return lmd_tangent(net, self.teacher, x_t, t, s, cond, jvp_float32=self.jvp_float32,
+                           method=self.tangent_method, step=self.difference_step)
 
 
 class Consistency(EMD):
