@@ -3,6 +3,7 @@ batch: wall time and peak memory, as ratios measured in one run.
 
     python benchmarks/cost.py [--width 256 --depth 4 --batch 1024 --device cpu --repeats 30] [--no_compile]
     python benchmarks/cost.py --semigroup 0.25        # + the two-jump target's cost (eager)
+    python benchmarks/cost.py --tangents jvp,central,forward   # the tangent by JVP and by differences
 
 The EMD step includes the teacher call, the JVP and the student's forward and backward pass. The
 teacher has the student's architecture (a velocity FlowMap), as in real distillation. Both steps
@@ -10,6 +11,11 @@ are timed eagerly and with their loss computation under torch.compile (what `com
 objective does); each ratio compares like with like.
 Peak memory is measured with torch.cuda.max_memory_allocated on a GPU, and on CPU (eager only) by
 the bytes autograd saves for the backward pass.
+
+Warm-up: each step is called until its timings are steady (the median of its last 5 calls within
+5% of the 5 before, at least 6 calls, at most 200), not a fixed number of calls: a compiled step's
+first calls on a machine with a cold inductor cache compile and tune for seconds, and a fixed
+warm-up of 3 calls reported a 1770 ms compiled step there. The table says how many calls it took.
 
 With --semigroup P, a second table times the distillation objective's own EMD step (ayf.objectives.EMD)
 with and without P of each batch on the two-jump target (its longest jumps, docs/maths.md §12),
@@ -63,11 +69,11 @@ def fm_loss(student, x0, t, eps):
     return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False):
+def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False, method="jvp", step_size=1e-3):
     x_t = interpolate(x0, eps, t)
     with torch.no_grad():
         v = teacher.velocity(x_t, t)
-    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32)
+    F, g = emd_tangent(student, x_t, t, s, v, r=r, jvp_float32=jvp_float32, method=method, step=step_size)
     return flow_map_loss(F, normalize_tangent(g, 0.1), t, s).mean()
 
 
@@ -89,22 +95,34 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def warm_up(fn, device, window: int = 5, tolerance: float = 0.05, most: int = 200) -> int:
+    """Calls ``fn`` until its timings are steady: the median of the last ``window`` calls within
+    ``tolerance`` of the median of the ``window`` before (at least ``window + 1`` calls, at most
+    ``most``). Returns the number of calls made."""
+    times = []
+    while len(times) < most:
+        times.append(timed(fn, device))
+        if len(times) > window and len(times) >= 2 * window:
+            now, before = statistics.median(times[-window:]), statistics.median(times[-2 * window: -window])
+            if abs(now - before) <= tolerance * before:
+                break
+    return len(times)
+
+
 def measure_pair(fn_a, fn_b, repeats, device):
-    """Side by side: after 3 warm-up calls of each, ``repeats`` calls of a and b in turn. Returns the
-    median times of a and of b, and the median of the ratios b / a of the calls made next to each
-    other, which a machine whose speed drifts during the run (a shared CPU) leaves nearly unbiased."""
-    for _ in range(3):
-        fn_a()
-        fn_b()
+    """Side by side: each warmed up until steady (:func:`warm_up`), then ``repeats`` calls of a and
+    b in turn. Returns the median times of a and of b, the median of the ratios b / a of the calls
+    made next to each other (which a machine whose speed drifts during the run, a shared CPU, leaves
+    nearly unbiased) and the warm-up calls of a and of b."""
+    warm = (warm_up(fn_a, device), warm_up(fn_b, device))
     pairs = [(timed(fn_a, device), timed(fn_b, device)) for _ in range(repeats)]
     return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-            statistics.median(b / a for a, b in pairs))
+            statistics.median(b / a for a, b in pairs), warm)
 
 
 def measure(fn, repeats, device):
-    """Median wall time of ``repeats`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
+    """Median wall time of ``repeats`` calls, after :func:`warm_up`."""
+    warm_up(fn, device)
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
@@ -133,6 +151,9 @@ def main():
     p.add_argument("--no_compile", action="store_true", help="time the eager steps only")
     p.add_argument("--semigroup", type=float, default=0.0, help="also time the EMD objective with this share of "
                    "each batch on the two-jump target (its longest jumps) against the plain one")
+    p.add_argument("--tangents", default="jvp", help="comma-separated tangent methods to time: jvp, central, "
+                   "forward (a finite difference of step --difference_step)")
+    p.add_argument("--difference_step", type=float, default=1e-3)
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -145,22 +166,26 @@ def main():
     t, s = TimePairSampler()(args.batch, device=device)
     eps = torch.randn_like(x0)
     r = torch.tensor(0.5, device=device)
+    tangents = [m.strip() for m in args.tangents.split(",") if m.strip()]
     variants = [("eager", fm_loss, emd_loss)]
     if not args.no_compile:
         variants += [("torch.compile", torch.compile(fm_loss), torch.compile(emd_loss))]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; MLP width {args.width}, depth {args.depth}, batch {args.batch}")
-    print("| mode | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | memory ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | tangent | FM step (ms) | EMD step (ms) | time ratio EMD/FM | peak memory FM / EMD (MiB) | "
+          "memory ratio | warm-up calls FM / EMD |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, fm, emd in variants:
-        fm_step = lambda f=fm: step(opt, f, student, x0, t, eps)  # noqa: E731
-        emd_step = lambda f=emd: step(opt, f, student, teacher, x0, t, s, eps, r)  # noqa: E731
-        t_fm, t_emd, ratio = measure_pair(fm_step, emd_step, args.repeats, device)
-        m_fm = m_emd = float("nan")
-        if mode.startswith("eager") or device.type == "cuda":
-            m_fm, m_emd = (peak_memory(f, device) for f in (fm_step, emd_step))
-        print(f"| {mode} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {ratio:.2f} | "
-              f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} |")
+        for method in tangents:
+            fm_step = lambda f=fm: step(opt, f, student, x0, t, eps)  # noqa: E731
+            emd_step = lambda f=emd, m=method: step(opt, f, student, teacher, x0, t, s, eps, r, False, m,  # noqa: E731
+                                                    args.difference_step)
+            t_fm, t_emd, ratio, warm = measure_pair(fm_step, emd_step, args.repeats, device)
+            m_fm = m_emd = float("nan")
+            if mode.startswith("eager") or device.type == "cuda":
+                m_fm, m_emd = (peak_memory(f, device) for f in (fm_step, emd_step))
+            print(f"| {mode} | {method} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {ratio:.2f} | "
+                  f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} | {warm[0]} / {warm[1]} |")
 
     if args.semigroup:
         semigroup_table(student, teacher, opt, x0, t, s, eps, r, args)
@@ -176,8 +201,8 @@ def semigroup_table(student, teacher, opt, x0, t, s, eps, r, args):
     def objective_step(objective):
         return step(opt, lambda: objective.terms(student, x0, Cond(), eps, t, s, r)[0].mean())
 
-    t_plain, t_two, ratio = measure_pair(lambda: objective_step(plain), lambda: objective_step(two_jump),
-                                         args.repeats, device)
+    t_plain, t_two, ratio, _ = measure_pair(lambda: objective_step(plain), lambda: objective_step(two_jump),
+                                            args.repeats, device)
     print()
     print(f"| EMD step (ms) | with semigroup {args.semigroup:g}, longest (ms) | time ratio |")
     print("|---|---|---|")

@@ -36,11 +36,16 @@ RUNS = {  # name -> (config, extra CLI overrides)
     "emd_adaptive": ("distill_emd", ["--model.objective.init_args.weighting", "adaptive"]),
     "lmd": ("distill_lmd", []),
     "consistency": ("distill_consistency", []),
+    # the tangent by a finite difference instead of the JVP (docs/maths.md §3)
+    "emd_central": ("distill_emd", ["--model.objective.init_args.tangent_method", "central"]),
+    "emd_forward": ("distill_emd", ["--model.objective.init_args.tangent_method", "forward"]),
     # the same global batch (1024) as `emd`, split over two CPU processes by DDP
     "emd_ddp2": ("distill_emd", ["--trainer.strategy", "ddp", "--trainer.devices", "2",
                                  "--data.init_args.global_batch_size", "1024"]),
 }
 STEPS = (1, 2, 4, 8, 16)
+#: what runs without --runs (the tangent variants are asked for by name)
+DEFAULT_RUNS = ("emd", "emd_fspace", "emd_adaptive", "lmd", "consistency", "emd_ddp2")
 
 
 def train(name, out, max_steps, seed=0):
@@ -119,7 +124,8 @@ def plot(rows, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of " + ", ".join(RUNS)
+                   + f" (default: {', '.join(DEFAULT_RUNS)})")
     p.add_argument("--max_steps", type=int, default=4000)
     p.add_argument("--out", default="bench_out/fidelity")
     p.add_argument("--eval_only", action="store_true")
