@@ -8,6 +8,18 @@ import torch
 from ayf.cli import main
 
 
+def tiny_unet2d(num_class_embeds=4, seed=0):
+    """A tiny class-conditional diffusers UNet2DModel of (1, 8, 8) images, with attention (the
+    diffusers students of the export and CLI tests)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8, num_class_embeds=num_class_embeds)
+
+
 def diffusers_loop(folder, noise, steps, **kw):
     """The README's loop: the exported model and scheduler, loaded by diffusers, stepped by hand."""
     import diffusers

@@ -13,7 +13,7 @@ import torch
 
 from ayf.checkpoints import build_network, make_record
 from ayf.cli import main
-from tests.export_checks import assert_diffusers_samples, ayf_samples, diffusers_loop
+from tests.export_checks import assert_diffusers_samples, ayf_samples, diffusers_loop, tiny_unet2d
 from tests.toy_runs import fit_toy
 
 diffusers = pytest.importorskip("diffusers")
@@ -41,12 +41,7 @@ def on_diffusers_model(folder, model, scheduler):
 
 def diffusers_net(folder):
     """A flow map on a tiny class-conditional UNet2DModel (v-prediction DDPM)."""
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8, num_class_embeds=4)
-    return on_diffusers_model(folder, model, diffusers.DDPMScheduler(prediction_type="v_prediction"))
+    return on_diffusers_model(folder, tiny_unet2d(), diffusers.DDPMScheduler(prediction_type="v_prediction"))
 
 
 def dit_net(folder):

@@ -150,19 +150,24 @@ class ShardWriter:
             raise ConfigError(f"image {self.count} has shape {tuple(image.shape)}, the first had {self.shape}")
         if (label is not None) != self.labelled:
             raise ConfigError(f"image {self.count}: either every image has a label or none has")
+        self._append(image, label)
+        x = to_model_units(image.astype(np.float64)).reshape(image.shape[0], -1)
+        self._sum += x.mean(1)
+        self._sq += (x**2).mean(1)
+
+    def _append(self, array: np.ndarray, label: Optional[int]) -> None:
+        """Store one example as ``<key>.npy`` (and ``<key>.cls``), in a new shard when the current
+        one is full, and count it."""
         if self._tar is None or self._bytes >= self.max_bytes:
             if self._tar is not None:
                 self._finish_shard()
             self._open()
         key = f"{self.count:08d}"
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
         self._add(f"{key}.npy", buf.getvalue())
         if label is not None:
             self._add(f"{key}.cls", str(int(label)).encode())
-        x = to_model_units(image.astype(np.float64)).reshape(image.shape[0], -1)
-        self._sum += x.mean(1)
-        self._sq += (x**2).mean(1)
         self.shards[-1]["count"] += 1
         self.count += 1
 
@@ -296,22 +301,11 @@ class LatentShardWriter(ShardWriter):
             self.labelled = label is not None
         if (label is not None) != self.labelled:
             raise ConfigError(f"image {self.count}: either every image has a label or none has")
-        if self._tar is None or self._bytes >= self.max_bytes:
-            if self._tar is not None:
-                self._finish_shard()
-            self._next_digest = digest
-            self._open()
-        key = f"{self.count:08d}"
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(moments), allow_pickle=False)
-        self._add(f"{key}.npy", buf.getvalue())
-        if label is not None:
-            self._add(f"{key}.cls", str(int(label)).encode())
+        self._next_digest = digest  # read by _open when this example starts a shard
+        self._append(moments, label)
         if stats is not None:
             self._shard_sum += stats[0]
             self._shard_sq += stats[1]
-        self.shards[-1]["count"] += 1
-        self.count += 1
 
     def _extra_fields(self) -> dict:
         return {"shape": list(self.latent_shape), "space": "latent", "encoder": self.encoder.to_manifest(),

@@ -11,18 +11,14 @@ import pytest
 import torch
 
 from ayf.cli import main
-from tests.export_checks import assert_diffusers_samples, ayf_samples
+from tests.export_checks import assert_diffusers_samples, ayf_samples, tiny_unet2d
 from tests.toy_runs import CONF, blobs, shipped
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def test_tiny_diffusers_teacher_distils_and_samples(tmp_path):
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8, num_class_embeds=4)
+    model = tiny_unet2d()
     with contextlib.chdir(tmp_path):
         model.save_pretrained("weights/diffusers/unet")
         diffusers.DDPMScheduler(prediction_type="v_prediction").save_pretrained("weights/diffusers/scheduler")

@@ -76,15 +76,12 @@ def edm2_student(tmp):
 
 
 def diffusers_student(tmp):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from ayf.nn import FlowMap
     from ayf.nn.diffusers import DiffusersBackbone
+    from tests.export_checks import tiny_unet2d
 
-    torch.manual_seed(0)
-    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                  attention_head_dim=8, num_class_embeds=3)
+    model = tiny_unet2d(num_class_embeds=3)
     # a flow-matching schedule: a DDPM one is interpolated between its discrete timesteps, whose
     # kinks a difference across them does not see the way the JVP does
     backbone = DiffusersBackbone(model, scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler"})
