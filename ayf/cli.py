@@ -27,7 +27,7 @@ def help_text() -> str:
 
 def main(args=None) -> int:
     """Entry point of the ``ayf`` console script; returns the exit status."""
-    from ayf.errors import AyfError
+    from ayf.errors import user_error
 
     from_argv = args is None
     args = list(sys.argv[1:] if from_argv else args)
@@ -53,7 +53,7 @@ def main(args=None) -> int:
         module = commands.load(cmd)
         return module.run(module.build_parser(f"ayf {cmd}").parse_args(rest))
     except Exception as err:  # noqa: BLE001 - user errors may arrive wrapped by jsonargparse
-        cause = _user_error(err, AyfError)
+        cause = user_error(err)
         if cause is None and type(err).__name__ == "ArgumentError":  # jsonargparse: a config that does not parse
             from ayf.commands.lightning import config_error_line
 
@@ -62,17 +62,6 @@ def main(args=None) -> int:
             raise
         print(f"ayf: error: {cause}", file=sys.stderr)
         return 2
-
-
-def _user_error(err, kind):
-    """The first error of ``kind`` in an exception's cause/context chain, or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,3 +21,14 @@ class CheckpointError(AyfError):
 
 class NonFiniteLossError(AyfError):
     """Training produced a NaN or infinite loss."""
+
+
+def user_error(err: BaseException):
+    """The first :class:`AyfError` in an exception's cause and context chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, AyfError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

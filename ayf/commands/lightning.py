@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from ayf.callbacks.progress import ProgressBar
 from ayf.checkpoints import refuse_old_layout
 from ayf.data.loaders import split_global_batch
-from ayf.errors import AyfError, ConfigError
+from ayf.errors import ConfigError, user_error
 from ayf.io import atomic_write
 from ayf.tasks.base import AyfTask
 
@@ -96,7 +96,7 @@ class AyfCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:  # noqa: BLE001 - name the config key of a file that is not there
-            cause = _first(err, AyfError)
+            cause = user_error(err)
             missing = getattr(cause, "missing", None)
             keys = holding(self.config.get(self.config.get("subcommand")), missing) if missing else []
             if not keys:
@@ -175,17 +175,6 @@ def remove_empty_run(trainer, created: Optional[str] = None) -> None:
     while created and (path == created or path.startswith(created + os.sep)) and not os.listdir(path):
         os.rmdir(path)
         path = os.path.dirname(path)
-
-
-def _first(err, kind):
-    """The first exception of ``kind`` in ``err``'s cause and context chain, or None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def holding(ns, value, prefix="") -> list:
