@@ -1,29 +1,5 @@
-"""Encoders: the space a data set lives in, between uint8 pixels and what the model sees.
-
-An :class:`Encoder` turns uint8 pixels ``(B, C, H, W)`` into a stored representation (its
-*moments*), draws model-unit latents from those moments, and decodes latents back into pixels in
-ayf's model units (``u / 127.5 - 1``, in [-1, 1]; :func:`ayf.figures.to_uint8` makes them uint8).
-
-* :class:`IdentityEncoder`: pixel data. The moments are the model units themselves; sampling and
-  decoding change nothing.
-* :class:`VAEEncoder`: a diffusers ``AutoencoderKL`` read from a local folder (the optional extra
-  ``ayf[diffusers]``). The moments are the posterior's mean and standard deviation, concatenated
-  on the channel axis (``stored="posterior"``, ``2 * latent_channels`` channels, so that each read
-  of an example can draw a fresh latent), or the mean alone (``stored="mean"``). Latents are
-  normalised per channel, ``z = (raw - mean) / std * final_std + final_mean``. The preset
-  ``edm2_sd`` holds the constants NVlabs/edm2 uses for Stability's SD VAE (raw mean
-  ``[5.81, 3.25, 0.12, -2.15]``, raw std ``[4.17, 4.62, 3.71, 3.28]``, final mean 0, final std 0.5);
-  EDM2 feeds that VAE pixels in [0, 1] (``pixel_range="[0,1]"``), where diffusers' own pipelines use
-  [-1, 1].
-
-A shard manifest records the encoder with :meth:`Encoder.to_manifest` (plain JSON) and
-:func:`encoder_from_manifest` rebuilds it. A VAEEncoder rebuilt so reads its folder only when the VAE
-itself is first needed (``encode`` / ``decode``): training on latent shards needs neither the folder
-nor diffusers. Weights are read by ``from_pretrained(folder, local_files_only=True)``: nothing is
-downloaded, and diffusers reads ``.bin`` weights with ``weights_only=True``.
-
-This module imports only :mod:`ayf.io` and :mod:`ayf.errors` of ayf (diffusers inside functions).
-"""
+"""A diffusers ``AutoencoderKL`` from a local folder as a data set's encoder, with a per-channel
+latent normalisation (see :mod:`ayf.encoders`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ayf.encoders.base import Encoder, check_pixels
 from ayf.errors import ConfigError
 
 #: named normalisations: raw latent mean and std per channel, the mean and std they are mapped to
@@ -48,95 +25,6 @@ STORED = ("posterior", "mean")
 #: the final mean and std of a normalisation given as a dict without them (the spread of [-1, 1] pixels)
 DEFAULT_FINAL_MEAN, DEFAULT_FINAL_STD = 0.0, 0.5
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-class Encoder(nn.Module):
-    """The interface of a data set's space. Subclasses implement every method below.
-
-    Tensors may carry any leading dimensions before the channel axis, which is the third last
-    (``(C, h, w)`` or ``(B, C, h, w)``); results lie on the input's device."""
-
-    kind = "encoder"
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels ``(B, C, H, W)`` -> the stored representation (deterministic)."""
-        raise NotImplementedError
-
-    def sample(self, moments: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Stored moments -> latents in model units (a draw where the moments hold a distribution)."""
-        raise NotImplementedError
-
-    def mode(self, moments: torch.Tensor) -> torch.Tensor:
-        """Stored moments -> the latents of the distribution's mean (no draw)."""
-        raise NotImplementedError
-
-    def latent_mean_var(self, moments: torch.Tensor) -> tuple:
-        """The mean and variance of :meth:`sample`'s output, element by element (exact, no draw)."""
-        raise NotImplementedError
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents in model units -> pixels as float model units in [-1, 1]."""
-        raise NotImplementedError
-
-    def latent_shape(self, pixel_shape: Sequence[int]) -> tuple:
-        """The shape of one example's latents, given its pixels' ``(C, H, W)``."""
-        raise NotImplementedError
-
-    def moments_shape(self, pixel_shape: Sequence[int]) -> tuple:
-        """The shape of one example's stored moments, given its pixels' ``(C, H, W)``."""
-        raise NotImplementedError
-
-    def to_manifest(self) -> dict:
-        """Plain JSON that :func:`encoder_from_manifest` turns back into this encoder."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line for logs."""
-        raise NotImplementedError
-
-
-class IdentityEncoder(Encoder):
-    """Pixel data: the moments are the model units ``u / 127.5 - 1``, and sampling and decoding
-    return their input."""
-
-    kind = "identity"
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels -> float32 model units in [-1, 1]."""
-        _check_pixels(pixels, None)
-        return pixels.float() / 127.5 - 1.0
-
-    def sample(self, moments: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The moments themselves (nothing is drawn)."""
-        return moments
-
-    def mode(self, moments: torch.Tensor) -> torch.Tensor:
-        """The moments themselves."""
-        return moments
-
-    def latent_mean_var(self, moments: torch.Tensor) -> tuple:
-        """The moments, and zero variance."""
-        return moments.float(), torch.zeros_like(moments, dtype=torch.float32)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The latents themselves (they are pixels in model units)."""
-        return latents
-
-    def latent_shape(self, pixel_shape: Sequence[int]) -> tuple:
-        """The pixel shape."""
-        return tuple(int(d) for d in pixel_shape)
-
-    def moments_shape(self, pixel_shape: Sequence[int]) -> tuple:
-        """The pixel shape."""
-        return tuple(int(d) for d in pixel_shape)
-
-    def to_manifest(self) -> dict:
-        """``{"kind": "identity", "pixel_range": "[-1,1]", "stored": "pixels"}``."""
-        return {"kind": self.kind, "pixel_range": "[-1,1]", "stored": "pixels"}
-
-    def describe(self) -> str:
-        """One line for logs."""
-        return "pixels (model units u / 127.5 - 1)"
 
 
 class VAEEncoder(Encoder):
@@ -248,7 +136,7 @@ class VAEEncoder(Encoder):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, C, H, W)`` -> the posterior's ``cat(mean, std)`` (``stored="posterior"``)
         or its mean, float32 on the input's device (the VAE runs on this module's device)."""
-        _check_pixels(pixels, self.in_channels)
+        check_pixels(pixels, self.in_channels)
         self.latent_shape(pixels.shape[1:])
         vae = self.vae
         x = pixels.to(self.mean.device).float()
@@ -325,35 +213,6 @@ class VAEEncoder(Encoder):
         what = "posterior mean and std" if self.stored == "posterior" else "posterior mean"
         return (f"VAE {self.folder} ({self.in_channels} -> {self.latent_channels} channels, /{self.downsample}), "
                 f"normalisation {norm}, pixels fed in {self.pixel_range}, stores the {what}")
-
-
-def encoder_from_manifest(d: Optional[dict]) -> Encoder:
-    """The encoder that :meth:`Encoder.to_manifest` described (None: pixels)."""
-    if d is None:
-        return IdentityEncoder()
-    if not isinstance(d, dict):
-        raise ConfigError(f"an encoder record is a JSON object; got {type(d).__name__}")
-    kind = d.get("kind")
-    if kind == IdentityEncoder.kind:
-        return IdentityEncoder()
-    if kind == VAEEncoder.kind:
-        missing = [k for k in ("folder", "normalisation", "pixel_range", "stored", "latent_channels",
-                               "in_channels", "downsample") if k not in d]
-        if missing:
-            raise ConfigError(f"the VAE encoder record lacks {', '.join(missing)}")
-        return VAEEncoder(d["folder"], normalisation=d["normalisation"], pixel_range=d["pixel_range"],
-                          stored=d["stored"], vae_config={k: d[k] for k in ("latent_channels", "in_channels", "downsample")})
-    raise ConfigError(f"unknown encoder kind {kind!r} (known: identity, vae): written by a newer ayf?")
-
-
-# --- helpers ----------------------------------------------------------------------------------------
-
-def _check_pixels(pixels, channels: Optional[int]) -> None:
-    if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.dim() != 4:
-        what = f"{pixels.dtype} {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ConfigError(f"an encoder takes uint8 pixels (B, C, H, W); got {what}")
-    if channels is not None and pixels.shape[1] != channels:
-        raise ConfigError(f"this encoder takes {channels}-channel pixels; got {pixels.shape[1]}")
 
 
 def normalisation_constants(spec: Union[str, dict], channels: int, folder: str = "") -> dict:
