@@ -69,7 +69,7 @@ def fm_loss(student, x0, t, eps):
     return flow_matching_loss(student(interpolate(x0, eps, t), t, t), velocity_target(x0, eps)).mean()
 
 
-def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False, method="jvp", step_size=1e-3):
+def emd_loss(student, teacher, x0, t, s, eps, r, jvp_float32=False, method="jvp", step_size=None):
     x_t = interpolate(x0, eps, t)
     with torch.no_grad():
         v = teacher.velocity(x_t, t)
@@ -153,7 +153,7 @@ def main():
                    "each batch on the two-jump target (its longest jumps) against the plain one")
     p.add_argument("--tangents", default="jvp", help="comma-separated tangent methods to time: jvp, central, "
                    "forward (a finite difference of step --difference_step)")
-    p.add_argument("--difference_step", type=float, default=1e-3)
+    p.add_argument("--difference_step", type=float, default=None, help="default: the objectives' (central 3e-4, forward 1e-4)")
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -17,7 +17,7 @@ it runs through fused attention kernels and sharded models, which forward-mode A
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.func import jvp
@@ -28,6 +28,10 @@ from ayf.math.flow_map import bcast
 FFn = Callable[..., torch.Tensor]
 #: how the tangent's derivative is computed
 TANGENT_METHODS = ("jvp", "forward", "central")
+#: each difference's default step: in float32 the truncation error (h^2 central, h forward) meets
+#: the rounding error (~ eps / h) near these, measured on trained and random networks
+#: (docs/results/tangent.md, "The step")
+DIFFERENCE_STEPS = {"central": 3e-4, "forward": 1e-4}
 
 
 def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: bool = False):
@@ -48,10 +52,11 @@ def jvp_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, float32: boo
     return F.detach(), dF.detach()
 
 
-def difference_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, central: bool = True, step: float = 1e-3,
-                                float32: bool = False, primal=None):
+def difference_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, central: bool = True,
+                                step: Optional[float] = None, float32: bool = False, primal=None):
     """``F-, dF``: the derivative of ``F_fn(., ., ., cond)`` at ``(x, t, s)`` along ``(dx, dt, ds)``
-    by a finite difference of step ``step``, without grad, both detached.
+    by a finite difference of step ``step`` (None: :data:`DIFFERENCE_STEPS`), without grad, both
+    detached.
 
     central: ``(F(p + h d) - F(p - h d)) / 2h``; otherwise ``(F(p + h d) - F(p)) / h``, whose base
     point ``F(p)`` is ``primal`` when given (the trainable forward pass, detached). ``float32``: as
@@ -62,7 +67,7 @@ def difference_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, centr
         ctx = torch.autocast(x.device.type, enabled=False)
         x, t, s, dx, dt, ds = (a.float() for a in (x, t, s, dx, dt, ds))
         primal = None  # computed under autocast: not the float32 base point
-    h = float(step)
+    h = float(step if step is not None else DIFFERENCE_STEPS["central" if central else "forward"])
     with torch.no_grad(), ctx:
         def at(sign):
             return F_fn(x + (sign * h) * dx, t + (sign * h) * dt, s + (sign * h) * ds, cond)
@@ -77,7 +82,8 @@ def difference_average_velocity(F_fn: FFn, x, t, s, dx, dt, ds, cond=None, centr
     return base.detach(), dF.detach()
 
 
-def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, method: str = "jvp", step: float = 1e-3):
+def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, method: str = "jvp",
+                        step: Optional[float] = None):
     """``(F with graph, F-, dF)``: the derivative (``method``), and the trainable prediction from
     an ordinary forward pass (the JVP's own primal when grad is off; a difference's base point)."""
     if method == "jvp":
@@ -93,7 +99,7 @@ def _jvp_and_prediction(F_fn, x, t, s, dx, dt, ds, cond, jvp_float32, method: st
 
 
 def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32: bool = False,
-                method: str = "jvp", step: float = 1e-3):
+                method: str = "jvp", step: Optional[float] = None):
     """AYF-EMD tangent (Sabour et al. 2025, Alg. 1; docs/maths.md §3, steps 2-4).
 
     ``F-, dF/dt = jvp(F, (x_t, t, s), (v, 1, 0))`` (total derivative along the teacher ODE with s
@@ -112,7 +118,7 @@ def emd_tangent(F_fn: FFn, x_t, t, s, v, r: float = 1.0, cond=None, jvp_float32:
 
 
 def lmd_tangent(F_fn: FFn, velocity_fn, x_t, t, s, cond=None, jvp_float32: bool = False,
-                method: str = "jvp", step: float = 1e-3):
+                method: str = "jvp", step: Optional[float] = None):
     """AYF-LMD tangent (Sabour et al. 2025; docs/maths.md §4).
 
     ``F-, dF/ds = jvp(F, (x_t, t, s), (0, 0, 1))`` so that ``f- = x_t + (s - t) F-`` and

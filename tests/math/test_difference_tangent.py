@@ -125,6 +125,8 @@ def test_the_objectives_take_the_method_and_refuse_a_bad_one():
 
     for cls in (EMD, LMD, Consistency):
         assert cls(tangent_method="central", difference_step=1e-3).tangent_method == "central"
+        assert cls(tangent_method="central").difference_step == 3e-4  # float32's sweet spots
+        assert cls(tangent_method="forward").difference_step == 1e-4
     with pytest.raises(ConfigError, match="unknown tangent_method 'jvpp'"):
         EMD(tangent_method="jvpp")
     with pytest.raises(ConfigError, match="difference_step"):
