@@ -11,7 +11,14 @@ from ayf.errors import ConfigError
 from ayf.math.flow_map import bcast, two_jump_velocity
 from ayf.math.losses import WEIGHTINGS, adaptive_weighted_loss, flow_map_loss
 from ayf.math.path import interpolate
-from ayf.math.tangents import DIFFERENCE_STEPS, TANGENT_METHODS, emd_tangent, lmd_tangent, normalize_tangent, warmup_ratio
+from ayf.math.tangents import (
+    DIFFERENCE_STEPS,
+    TANGENT_METHODS,
+    emd_tangent,
+    lmd_tangent,
+    normalize_tangent,
+    warmup_ratio,
+)
 from ayf.math.times import TimePairSampler
 from ayf.nn.embeddings import FourierFeatures
 from ayf.nn.flow_map import FlowMap
