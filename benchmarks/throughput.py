@@ -35,7 +35,7 @@ import os
 from types import SimpleNamespace
 
 import torch
-from cost import emd_loss, fm_loss, measure, measure_pair, step
+from cost import SIZES, emd_loss, fm_loss, measure, measure_pair, step
 
 from ayf.math.path import interpolate
 from ayf.math.samplers import sample_flow_map
@@ -44,12 +44,6 @@ from ayf.math.times import TimePairSampler, time_grid
 from ayf.nn import Cond, FlowMap, UNet
 
 # the networks of configs/digits and configs/fashion_mnist
-SIZES = {
-    "digits": dict(img_channels=1, img_resolution=8, channels=32, channel_mult=[1, 2], num_blocks=1,
-                   attn_resolutions=[4], channels_per_head=32, emb_dim=128),
-    "fashion_mnist": dict(img_channels=1, img_resolution=32, channels=64, channel_mult=[1, 2, 2], num_blocks=2,
-                          attn_resolutions=[8], channels_per_head=64, emb_dim=256),
-}
 BATCH = {("digits", "cpu"): 128, ("fashion_mnist", "cpu"): 32, ("digits", "cuda"): 1024, ("fashion_mnist", "cuda"): 256}
 
 
