@@ -7,7 +7,7 @@ from ayf.errors import ConfigError
 from ayf.math.losses import flow_matching_loss
 from ayf.math.path import interpolate, velocity_target
 from ayf.math.times import logit_normal
-from ayf.nn.cond import NULL_LABEL
+from ayf.nn.cond import Cond
 from ayf.objectives.base import Batch, Objective, State
 
 
@@ -18,7 +18,8 @@ class FlowMatchingObjective(Objective):
     Args:
         p_mean: mean of the logit-normal training-time distribution.
         p_std: standard deviation of the logit-normal training-time distribution.
-        label_dropout: share of training labels replaced by the null label (training mode only).
+        label_dropout: share of training examples made unconditional: the null label, the empty
+            prompt (training mode only).
         compile: run the loss terms through ``torch.compile``.
     """
 
@@ -28,19 +29,18 @@ class FlowMatchingObjective(Objective):
             raise ConfigError(f"label_dropout must lie in [0, 1), got {label_dropout}")
         self.p_mean, self.p_std, self.label_dropout = p_mean, p_std, label_dropout
 
-    def drop_labels(self, label):
-        """Replaces a ``label_dropout`` share of the labels by :data:`NULL_LABEL` (training only)."""
+    def drop_conditions(self, cond: Cond, batch: int, device) -> Cond:
+        """Makes a ``label_dropout`` share of the examples unconditional (:data:`ayf.nn.NULL_LABEL`,
+        the empty prompt; training only)."""
         p = self.label_dropout
-        if label is None or p <= 0 or not self.training:
-            return label
-        drop = torch.rand(label.shape, device=label.device) < p
-        return torch.where(drop, torch.full_like(label, NULL_LABEL), label)
+        if p <= 0 or not self.training or (cond.label is None and not cond.has_text):
+            return cond
+        return cond.drop(torch.rand(batch, device=device) < p)
 
     def draw(self, batch: Batch, state: State):
         x0 = batch.x0
         t = logit_normal(x0.shape[0], self.p_mean, self.p_std, device=x0.device, dtype=x0.dtype)
-        cond = batch.cond.with_(label=self.drop_labels(batch.cond.label))
-        return cond, (torch.randn_like(x0), t)
+        return self.drop_conditions(batch.cond, x0.shape[0], x0.device), (torch.randn_like(x0), t)
 
     def terms(self, net, x0, cond, eps, t):
         v = net.velocity(interpolate(x0, eps, t), t, cond)

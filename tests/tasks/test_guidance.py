@@ -90,14 +90,17 @@ def test_null_label_gives_no_class_embedding():
 def test_label_dropout_drops_the_share_asked_for_in_training_only():
     task = FlowMatching(FlowMap(MLP(2, 8, 1, 8), s_embedding="none", num_classes=3), label_dropout=0.3)
     label = torch.randint(3, (20000,))
+    text = torch.randn(20000, 2, 3)
     torch.manual_seed(0)
-    dropped = task.objective.drop_labels(label)
+    cond = task.objective.drop_conditions(Cond(label=label, text=text), 20000, "cpu")
+    dropped = cond.label
     share = (dropped == NULL_LABEL).float().mean().item()
     assert 0.28 < share < 0.32
     kept = dropped != NULL_LABEL
     assert torch.equal(dropped[kept], label[kept])
+    assert torch.equal(cond.null_text, ~kept) and cond.text is text  # the prompt drops with the label
     task.eval()
-    assert torch.equal(task.objective.drop_labels(label), label)
+    assert task.objective.drop_conditions(Cond(label=label), 20000, "cpu").label is label
 
 
 def test_label_dropout_trains_the_unconditional_branch(tmp_path):
