@@ -68,7 +68,10 @@ class FlowMap(nn.Module):
                 raise ConfigError(f"num_classes {num_classes} disagrees with the backbone's {own}")
             self.num_classes = num_classes = own
         self.t_emb = None if self.native else ScalarEmbedding(emb, num_freqs, max_freq)
-        self.s_emb = ScalarEmbedding(emb, num_freqs, max_freq, zero_init=True) if s_embedding != "none" else None
+        self.s_emb = None
+        if s_embedding != "none":  # a backbone may bring its own s branch (zero at its output)
+            make = getattr(backbone, "s_embedding", None)
+            self.s_emb = make() if make is not None else ScalarEmbedding(emb, num_freqs, max_freq, zero_init=True)
         self.label_emb = nn.Embedding(num_classes, emb) if num_classes > 0 and not self.native else None
         self.guidance_emb = ScalarEmbedding(emb, num_freqs, 4.0, zero_init=True) if guidance_input else None
 
@@ -105,7 +108,7 @@ class FlowMap(nn.Module):
         if self.guidance_emb is not None:
             lam = torch.ones_like(t) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)
             emb = add(emb, self.guidance_emb(lam - 1.0))
-        else:
+        elif not getattr(self.backbone, "guided", False):  # a guidance-distilled backbone reads lam itself
             self.check_lam(cond.lam)
         return emb
 
@@ -127,11 +130,12 @@ class FlowMap(nn.Module):
     def init_from_teacher(self, teacher: "FlowMap") -> None:
         """Copy a teacher's weights so that at init ``F(x, t, s) = v_teacher(x, t)`` for all s.
 
-        Every teacher weight must exist here with the same shape; the weights the teacher lacks
-        (s and guidance branches) are zeroed at their output.
+        Every teacher weight must exist here with the same shape (a layer that LoRA adapts here
+        holds it as its ``base_layer``); the weights the teacher lacks (s and guidance branches, LoRA
+        adapters, which start at zero) keep theirs, the branches zeroed at their output.
         """
         own = self.state_dict()
-        theirs = teacher.state_dict()
+        theirs = {base_layer_key(k, own): v for k, v in teacher.state_dict().items()}
         bad = [k for k, v in theirs.items() if k not in own or own[k].shape != v.shape]
         if bad:
             raise ConfigError(
@@ -143,3 +147,13 @@ class FlowMap(nn.Module):
         for branch in (self.s_emb, self.guidance_emb):
             if branch is not None:
                 branch.zero_output()
+
+
+def base_layer_key(key: str, own: dict) -> str:
+    """``key`` of a plain layer's weight as the same layer names it when LoRA (peft) adapts it:
+    ``a.b.weight`` -> ``a.b.base_layer.weight``, where ``own`` has that and not ``key``."""
+    if key in own:
+        return key
+    head, _, leaf = key.rpartition(".")
+    lora = f"{head}.base_layer.{leaf}"
+    return lora if lora in own else key

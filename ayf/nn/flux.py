@@ -1,0 +1,239 @@
+"""FLUX-shaped text-to-image transformers (diffusers' ``FluxTransformer2DModel``) as ayf teachers
+and flow-map students, optionally as a LoRA of the teacher (the optional extra ``ayf[text]``).
+
+The model works on packed latents: a ``(C, H, W)`` latent becomes ``H W / 4`` tokens of ``4 C``
+channels (2 x 2 patches), with rotary position ids per token; its time is FlowMatchEuler's sigma,
+which is ayf's t (t = 1 noise), and its output is the velocity ``eps - x0``, ayf's, so no
+conversion is needed (the scheduler's resolution-dependent shift moves only where a sampler puts
+its steps). :class:`FluxBackbone` packs and unpacks, so that ayf sees ``(B, C, H, W)`` latents.
+
+The prompt comes in the call's :class:`ayf.nn.Cond`: ``text`` (the T5 sequence embeddings,
+``encoder_hidden_states``) and ``pooled`` (CLIP's pooled embedding, ``pooled_projections``); FLUX
+attends to every text position, so ``text_mask`` is not used. ``null_text`` asks for the empty
+prompt, whose embeddings the backbone holds (``null_prompt``). A guidance-distilled model
+(``guidance_embeds``, FLUX.1-dev) reads the guidance scale as its own input: lam.
+
+The flow map's s enters through a copy of the model's timestep embedder, fed ``t - s``, whose
+last layer starts at zero (added to the model's conditioning vector with the guidance branch, if
+any), so that a student built on the teacher's weights starts at the teacher. With ``lora_rank``
+the student trains only LoRA adapters (peft) on the attention and feed-forward projections, and
+the s branch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ayf.errors import ConfigError
+from ayf.io import load_torch
+from ayf.nn.cond import NO_COND, Cond
+
+#: the projections that LoRA adapts by default: attention (image and text streams) and feed-forward
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+
+
+def transformer_folder(path: str) -> str:
+    """The transformer's folder: ``path`` itself, or a pipeline folder's ``transformer/``."""
+    if not os.path.isdir(path):
+        where = "" if os.path.isabs(path) else f" (from {os.getcwd()})"
+        raise ConfigError(f"model folder not found: {path}{where}", missing=path)
+    for folder in (path, os.path.join(path, "transformer")):
+        config = os.path.join(folder, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                kind = json.load(f).get("_class_name")
+            if kind != "FluxTransformer2DModel":
+                raise ConfigError(f"{folder}: unsupported transformer {kind!r}; supported: FluxTransformer2DModel")
+            return folder
+    raise ConfigError(f"{path}: no transformer in it (neither {path}/config.json nor {path}/transformer/config.json); "
+                      "save a pipeline with pipe.save_pretrained(folder)")
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` latents -> ``(B, H W / 4, 4 C)`` tokens of 2 x 2 patches (FLUX's order)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`pack` for latents of ``shape`` ``(C, H, W)``."""
+    c, h, w = shape
+    b = tokens.shape[0]
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Rotary position ids ``(H W / 4, 3)`` of the packed tokens: ``(0, row, column)``."""
+    rows = torch.arange(h // 2, device=device, dtype=dtype)[:, None].expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device, dtype=dtype)[None, :].expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+class TimeDifferenceEmbedding(nn.Module):
+    """The s branch: the model's sinusoidal time projection and a copy of its timestep MLP, fed
+    ``t - s`` in the model's units (x 1000); its last layer starts at zero."""
+
+    def __init__(self, projection: nn.Module, embedder: nn.Module):
+        super().__init__()
+        self.projection, self.embedder = copy.deepcopy(projection), copy.deepcopy(embedder)
+        self.requires_grad_(True)  # trains, whether or not the model it was copied from does
+        self.zero_output()
+
+    def zero_output(self):
+        nn.init.zeros_(self.embedder.linear_2.weight)
+        nn.init.zeros_(self.embedder.linear_2.bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        weight = self.embedder.linear_1.weight
+        return self.embedder(self.projection(u * 1000).to(weight.dtype))
+
+
+class FluxBackbone(nn.Module):
+    """A ``FluxTransformer2DModel`` as a :class:`ayf.nn.FlowMap` backbone on ``(B, C, H, W)`` latents.
+
+    Args:
+        model: a transformer folder or a pipeline folder (``pipe.save_pretrained``: its
+            ``transformer/``), the transformer's config as a dict (fresh weights, for a caller that
+            loads its own), or the model itself (from Python).
+        latent_size: height and width of the latents (even); None: from the pipeline's VAE
+            (``sample_size`` over its downsampling), which a lone transformer folder lacks.
+        null_prompt: a ``.pt`` file with the empty prompt's embeddings ``{"text": (L, D),
+            "pooled": (P,)}`` (what ``ayf shards captions`` writes): the null condition of
+            classifier-free guidance. None: the model knows no unconditional prediction.
+        guidance: the guidance input of a guidance-distilled model when a call gives no lam.
+        lora_rank: 0: train every weight; otherwise only LoRA adapters of this rank on
+            ``lora_targets`` (and the s branch).
+        lora_alpha: LoRA's scale numerator (None: the rank, scale 1).
+        lora_targets: module names that get adapters (:data:`LORA_TARGETS`).
+        math_attention: run attention on PyTorch's math kernel, which forward-mode AD (the JVP)
+            runs through.
+    """
+
+    conditions_on_time = True
+
+    def __init__(self, model: Union[str, dict, nn.Module], latent_size: Optional[int] = None,
+                 null_prompt: Optional[str] = None, guidance: float = 3.5, lora_rank: int = 0,
+                 lora_alpha: Optional[float] = None, lora_targets: Sequence[str] = LORA_TARGETS,
+                 math_attention: bool = True):
+        super().__init__()
+        import diffusers
+
+        path = None
+        if isinstance(model, (str, os.PathLike)):
+            path = transformer_folder(os.path.abspath(model))
+            model = diffusers.FluxTransformer2DModel.from_pretrained(path, local_files_only=True)
+        elif isinstance(model, dict):
+            model = diffusers.FluxTransformer2DModel.from_config(model)
+        if type(model).__name__ != "FluxTransformer2DModel":
+            raise ConfigError(f"unsupported transformer {type(model).__name__!r}; supported: FluxTransformer2DModel")
+        self.model, self.folder = model, path
+        cfg = model.config
+        if cfg.in_channels % 4 or cfg.patch_size != 1:
+            raise ConfigError(f"a FLUX transformer with in_channels {cfg.in_channels} and patch_size {cfg.patch_size} "
+                              "does not take 2 x 2 packed latents")
+        if latent_size is None:
+            latent_size = self._latent_size_from_pipeline(path)
+        if int(latent_size) % 2:
+            raise ConfigError(f"latent_size must be even (2 x 2 patches), got {latent_size}")
+        self.data_shape = (cfg.in_channels // 4, int(latent_size), int(latent_size))
+        self.emb_dim = int(model.inner_dim)
+        self.num_classes = 0
+        self.guided = bool(cfg.guidance_embeds)
+        self.guidance = float(guidance)
+        self.text_dim, self.pooled_dim = int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
+        self.math_attention = bool(math_attention)
+        self._extra = None
+        model.time_text_embed.register_forward_hook(self._add_extra)
+        null = None if null_prompt is None else self._null_prompt(null_prompt)
+        self.register_buffer("null_text", None if null is None else null[0], persistent=False)
+        self.register_buffer("null_pooled", None if null is None else null[1], persistent=False)
+        self.lora_rank = int(lora_rank)
+        if self.lora_rank:
+            self._add_lora(self.lora_rank, lora_alpha, lora_targets)
+
+    @staticmethod
+    def _latent_size_from_pipeline(path: Optional[str]) -> int:
+        vae = None if path is None else os.path.join(os.path.dirname(path), "vae", "config.json")
+        if vae is None or not os.path.isfile(vae):
+            raise ConfigError("give latent_size: the latents' height and width (no pipeline VAE config to read it from)")
+        with open(vae) as f:
+            config = json.load(f)
+        return int(config["sample_size"]) // 2 ** (len(config["block_out_channels"]) - 1)
+
+    def _null_prompt(self, path: str):
+        data = load_torch(path, "the empty prompt's embeddings", hint="check null_prompt")
+        text, pooled = (data.get(k) if isinstance(data, dict) else None for k in ("text", "pooled"))
+        if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.shape[1] != self.text_dim \
+                or not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (self.pooled_dim,):
+            raise ConfigError(f"null_prompt {path}: need {{'text': (L, {self.text_dim}), 'pooled': ({self.pooled_dim},)}}")
+        return text, pooled
+
+    def _add_lora(self, rank: int, alpha: Optional[float], targets: Sequence[str]) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise ConfigError("LoRA students need peft: pip install 'ayf[text]'") from None
+        names = {n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+        wanted = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+        if not wanted:
+            raise ConfigError(f"no linear layer of the transformer matches lora_targets {list(targets)}")
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=sorted(wanted), init_lora_weights=True)
+        inject_adapter_in_model(config, self.model)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def s_embedding(self) -> nn.Module:
+        """The s branch (:class:`TimeDifferenceEmbedding`) that :class:`ayf.nn.FlowMap` uses for this backbone."""
+        embed = self.model.time_text_embed
+        return TimeDifferenceEmbedding(embed.time_proj, embed.timestep_embedder)
+
+    def _add_extra(self, module, inputs, output):
+        return None if self._extra is None else output + self._extra.to(output.dtype)
+
+    def prompt(self, cond: Cond, batch: int, dtype):
+        """``(encoder_hidden_states, pooled_projections)`` of ``cond``, the empty prompt where it asks."""
+        if cond.text is None or cond.pooled is None:
+            raise ConfigError("this transformer is text-conditional: pass the prompt's embeddings (text and pooled)")
+        text, pooled = cond.text.to(dtype), cond.pooled.to(dtype)
+        if text.shape[-1] != self.text_dim or pooled.shape[-1] != self.pooled_dim:
+            raise ConfigError(f"prompt embeddings of width {text.shape[-1]} / {pooled.shape[-1]} do not fit this "
+                              f"transformer ({self.text_dim} / {self.pooled_dim}): were they made by its pipeline's text encoders?")
+        if cond.null_text is not None and bool(cond.null_text.any()):
+            if self.null_text is None:
+                raise ConfigError("this transformer has no empty-prompt embeddings (null_prompt) for the unconditional prediction")
+            null = self.null_text.to(dtype)
+            if null.shape[0] != text.shape[1]:
+                raise ConfigError(f"the empty prompt has {null.shape[0]} positions, the prompts {text.shape[1]}")
+            pick = cond.null_text.view(-1, 1, 1)
+            text = torch.where(pick, null.expand_as(text), text)
+            pooled = torch.where(pick[:, 0], self.null_pooled.to(dtype).expand_as(pooled), pooled)
+        return text, pooled
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, extra: Optional[torch.Tensor] = None, cond=None):
+        cond = NO_COND if cond is None else cond
+        b, _, h, w = x.shape
+        text, pooled = self.prompt(cond, b, x.dtype)
+        kw = {}
+        if self.guided:
+            lam = torch.full_like(t, self.guidance) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)
+            kw["guidance"] = lam.to(x.dtype)
+        kernel = contextlib.nullcontext()
+        if self.math_attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            kernel = sdpa_kernel(SDPBackend.MATH)
+        self._extra = extra
+        try:
+            with kernel:
+                out = self.model(pack(x), encoder_hidden_states=text, pooled_projections=pooled,
+                                 timestep=t.to(x.dtype).expand(b), img_ids=image_ids(h, w, x.device, x.dtype),
+                                 txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype), **kw).sample
+        finally:
+            self._extra = None
+        return unpack(out, (out.shape[-1] // 4, h, w))
