@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 NULL_LABEL = -1  # "no class": the unconditional prediction of classifier-free guidance
+TEXT_FIELDS = ("text", "text_mask", "pooled")  # a prompt's fields, as batches and shards name them
 
 
 @dataclass(frozen=True)

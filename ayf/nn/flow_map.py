@@ -83,6 +83,12 @@ class FlowMap(nn.Module):
     def is_flow_map(self) -> bool:
         return self.s_emb is not None
 
+    @property
+    def reads_lam(self) -> bool:
+        """The net reads the guidance scale ``cond.lam``: through its guidance input, or as a
+        guidance-distilled backbone's own input (``backbone.guided``: FLUX.1-dev)."""
+        return self.guidance_emb is not None or bool(getattr(self.backbone, "guided", False))
+
     def forward(self, x, t, s=None, cond: Optional[Cond] = None):
         """``F(x, t, s)``; x ``(B, *D)``, t and s ``(B,)``. ``s = None`` means s = t: the
         instantaneous velocity ``v(x, t)`` (a velocity model, which has no s branch, ignores s)."""

@@ -33,6 +33,8 @@ from torch import nn
 from ayf.errors import ConfigError
 from ayf.io import load_torch
 from ayf.nn.cond import NO_COND, Cond
+from ayf.nn.flow_map import FlowMap
+from ayf.nn.teachers import NetTeacher
 
 #: the projections that LoRA adapts by default: attention (image and text streams) and feed-forward
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -237,3 +239,27 @@ class FluxBackbone(nn.Module):
         finally:
             self._extra = None
         return unpack(out, (out.shape[-1] // 4, h, w))
+
+
+class FluxTeacher(NetTeacher):
+    """A frozen FLUX-shaped transformer as a teacher ``v(x_t, t, cond)`` (arguments as for
+    :class:`FluxBackbone`; ``model`` a transformer or pipeline folder). It records its net config,
+    so that a ``FlowMapDistillation`` without ``net`` builds a student on the same model (every
+    weight trained); a LoRA student is a ``net`` of its own: ``FlowMap(FluxBackbone(model,
+    lora_rank=R))``, which starts from the same weights."""
+
+    def __init__(self, model: str, latent_size: Optional[int] = None, null_prompt: Optional[str] = None,
+                 guidance: float = 3.5, math_attention: bool = True):
+        model, null_prompt = (None if p is None else os.path.abspath(p) for p in (model, null_prompt))
+        args = dict(model=model, latent_size=latent_size, null_prompt=null_prompt, guidance=guidance,
+                    math_attention=math_attention)
+        backbone = FluxBackbone(**args)
+        super().__init__(FlowMap(backbone, s_embedding="none"), unconditional=null_prompt is not None)
+        self.net_config = {"class_path": "ayf.nn.FlowMap", "init_args": {
+            "backbone": {"class_path": "ayf.nn.flux.FluxBackbone", "init_args": args}, "s_embedding": "none"}}
+
+    def describe(self) -> list:
+        b = self.net.backbone
+        size = sum(p.numel() for p in b.model.parameters()) / 1e6
+        guided = ", lam its guidance input" if b.guided else ""
+        return [f"{b.folder} (FluxTransformer2DModel, {size:.3g}M parameters, latents {b.data_shape}{guided})"]

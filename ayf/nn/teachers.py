@@ -101,6 +101,7 @@ class NetTeacher(Teacher):
         self.data_shape = tuple(net.data_shape)
         self.num_classes = net.num_classes
         self.unconditional = self.num_classes == 0 or bool(unconditional)
+        self.reads_lam = net.reads_lam  # a guidance-distilled network reads lam as its own input
 
     def forward(self, x, t, cond: Optional[Cond] = None):
         return self.net.velocity(x, t, cond)

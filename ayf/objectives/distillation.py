@@ -115,7 +115,7 @@ class DistillationObjective(Objective):
         """A student that cannot learn from the bound teacher is a ConfigError."""
         if not net.is_flow_map:
             raise ConfigError("the student net needs an s embedding (`s_embedding: t_minus_s` or `s`)")
-        if self.teacher.reads_lam != net.guidance_input:
+        if self.teacher.reads_lam != net.reads_lam:
             if self.teacher.reads_lam:
                 raise ConfigError("a guided teacher needs a student built with `guidance_input: true` (ayf.nn.FlowMap)")
             raise ConfigError("the student is built with `guidance_input: true` but the teacher is not guided "

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from ayf.checkpoints import sampling_defaults
 from ayf.distributed import reset_run_dir
 from ayf.errors import ConfigError
-from ayf.nn.cond import Cond
+from ayf.nn.cond import TEXT_FIELDS, Cond
 from ayf.objectives.base import Batch, State
 from ayf.sampling import generate
 from ayf.tasks.guards import NonFiniteGuard, check_compile
@@ -113,7 +113,8 @@ class AyfTask(Persistence, L.LightningModule):
 
     # --- the objective ----------------------------------------------------------------------
     def to_batch(self, batch) -> Batch:
-        """A :class:`Batch` from a dict batch ``{"x": ..., "label": ...}`` or a tuple."""
+        """A :class:`Batch` from a dict batch ``{"x", "label", a prompt's "text", ...}`` or a tuple."""
+        text = {k: batch[k] for k in TEXT_FIELDS if k in batch} if isinstance(batch, dict) else {}
         if isinstance(batch, dict):
             x, label = batch["x"], batch.get("label")
         elif isinstance(batch, (list, tuple)):
@@ -121,7 +122,7 @@ class AyfTask(Persistence, L.LightningModule):
         else:
             x, label = batch, None
         self._batch_size = len(x)
-        return Batch(x, Cond(label=label if self.net.num_classes > 0 else None))
+        return Batch(x, Cond(label=label if self.net.num_classes > 0 else None, **text))
 
     def loss(self, batch, stage: str):
         """Mean loss of one batch; logs it and the objective's statistics under ``stage/``."""

@@ -19,7 +19,8 @@ def student_for(teacher: Teacher) -> tuple:
     config = teacher_net_config(teacher)
     if config is None:
         raise ConfigError(f"a {type(teacher).__name__} records no network to build the student from: give the task a `net`")
-    config = student_config(config, guidance_input=teacher.reads_lam)
+    native = getattr(getattr(getattr(teacher, "net", None), "backbone", None), "guided", False)
+    config = student_config(config, guidance_input=teacher.reads_lam and not native)  # FLUX.1-dev reads lam itself
     return build_network(config), config
 
 

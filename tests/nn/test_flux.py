@@ -17,6 +17,7 @@ from ayf.nn import Cond, FlowMap  # noqa: E402
 from ayf.nn.flux import FluxBackbone, image_ids, pack, unpack  # noqa: E402
 
 TEXT_DIM, POOLED_DIM, L = 24, 12, 5
+L_TOKENS = L
 
 
 def tiny_flux(guidance_embeds=False):
@@ -164,3 +165,48 @@ def test_bad_pipeline_folders_and_prompts_are_one_line(gen, tmp_path):
         net.velocity(x, t, prompt(gen, 1).unconditional())
     with pytest.raises(ConfigError, match="text-conditional"):
         net.velocity(x, t, Cond())
+
+
+class PromptPairs(torch.utils.data.Dataset):
+    """Latents with a prompt's embeddings, as caption shards decode to."""
+
+    def __init__(self, n=16):
+        gen = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 4, 8, 8, generator=gen)
+        self.text, self.pooled = torch.randn(n, L, TEXT_DIM, generator=gen), torch.randn(n, POOLED_DIM, generator=gen)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "text": self.text[i], "pooled": self.pooled[i]}
+
+
+def test_a_lora_student_distils_from_a_flux_teacher_with_prompts(tmp_path):
+    import lightning as L
+
+    from ayf.nn.flux import FluxTeacher
+    from ayf.objectives import EMD
+    from ayf.tasks import FlowMapDistillation
+
+    folder = pipeline_folder(str(tmp_path), guidance_embeds=True)
+    teacher = FluxTeacher(folder)
+    assert teacher.reads_lam and "lam its guidance input" in teacher.describe()[0]
+    net = FlowMap(FluxBackbone(folder, lora_rank=4))
+    task = FlowMapDistillation(net, teacher, objective=EMD(warmup=0))
+    base = {k: v.clone() for k, v in net.state_dict().items() if "lora_" not in k and not k.startswith("s_emb")}
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            cond = pl_module.to_batch(batch).cond
+            seen["cond"] = (cond.text.shape, cond.pooled.shape)
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[Spy()], enable_checkpointing=False)
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(PromptPairs(), batch_size=4))
+    assert seen["cond"] == ((4, L_TOKENS, TEXT_DIM), (4, POOLED_DIM))
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())  # the base model is untouched
+    assert any(not torch.equal(v, 0 * v) for k, v in after.items() if "lora_B" in k)  # the adapters moved
