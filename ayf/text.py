@@ -73,6 +73,10 @@ class PromptEncoder:
         self.lengths = [min(v for v in (self.tokenizers[0].model_max_length, clip_positions) if v),
                         int(max_length or min(self.tokenizers[1].model_max_length, 512))]
 
+    def to_manifest(self) -> dict:
+        """What a shard manifest records of the prompts' encoding."""
+        return {"pipeline": self.folder, "lengths": list(self.lengths)}
+
     @property
     def text_dim(self) -> int:
         return int(self.encoders[1].config.d_model if hasattr(self.encoders[1].config, "d_model")

@@ -11,8 +11,10 @@ import json
 
 from ayf.data.shards import (
     LATENT_DTYPES,
+    CaptionSource,
     Source,
     arrays_source,
+    caption_records,
     digits_source,
     folder_images,
     idx_source,
@@ -29,6 +31,8 @@ EPILOG = """examples:
   ayf shards arrays --images x.npz --output data/arrays       (keys images/x and labels/y)
   ayf shards folder --root imagenet512/ --output data/in512_latents --vae sd-vae-ft-mse/
       (latents of a local diffusers AutoencoderKL, normalised like EDM2's; run it again to resume)
+  ayf shards captions --input pairs.jsonl --pipeline FLUX.1-dev/ --output data/pairs
+      (latents by the pipeline's VAE and the captions' embeddings by its text encoders)
 """
 
 
@@ -82,10 +86,26 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, default=None,
                    help="scale each image's short side to N and crop the centre square (ImageNet's usual crop); "
                         "default: keep the images as they are (all of one size)")
+    s = sub.add_parser("captions", parents=[common], help="image-caption pairs: latents by a text-to-image "
+                       "pipeline's VAE and the captions' embeddings by its text encoders (needs ayf[text])")
+    s.add_argument("--input", required=True, help='a JSONL file of {"image": path, "caption": text} lines '
+                   '(optionally "label": an int), or a folder with captions.jsonl; paths relative to it')
+    s.add_argument("--pipeline", required=True, metavar="DIR",
+                   help="the pipeline folder (pipe.save_pretrained): its text encoders, and its vae/ unless --pixels")
+    s.add_argument("--pixels", action="store_true", help="store the pixels (in model units) instead of latents")
+    s.add_argument("--max_length", type=int, default=None, help="tokens of the sequence text encoder per caption "
+                   "(default: its tokenizer's, at most 512); longer captions are truncated, and said so")
+    s.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 or 3; default: from the first image")
+    s.add_argument("--resolution", type=int, default=None, help="scale the short side to N, crop the centre square")
     return p
 
 
 def make_source(args) -> Source:
+    if args.source == "captions":
+        records, (bad, first) = caption_records(args.input)
+        if bad:
+            print(f"skipped {bad} bad record(s) of {bad + len(records)} (first: {first})")
+        return CaptionSource(records, args.channels, args.resolution)
     if args.source == "digits":
         return Source(*digits_source())
     if args.source == "idx":
@@ -122,10 +142,32 @@ def make_encoder(args):
                       pixel_range=args.vae_pixel_range or "[0,1]", stored=args.stored or "posterior")
 
 
+def caption_encoders(args) -> tuple:
+    """``(image encoder, PromptEncoder)`` of ``ayf shards captions``: the pipeline's VAE (or pixels)
+    and its text encoders."""
+    from ayf.encoders import IdentityEncoder
+    from ayf.text import PromptEncoder
+
+    if args.vae is not None:
+        raise ConfigError("ayf shards captions takes the pipeline's VAE (its vae/ folder), or --pixels: leave out --vae")
+    prompts = PromptEncoder(args.pipeline, args.max_length, device=args.device or "cpu")
+    if args.pixels:
+        return IdentityEncoder(), prompts
+    return VAEEncoder(f"{args.pipeline}/vae", normalisation=parse_normalisation(args.vae_normalisation or "vae_config"),
+                      pixel_range=args.vae_pixel_range or "[-1,1]", stored=args.stored or "posterior"), prompts
+
+
 def run(args) -> int:
-    encoder = make_encoder(args)  # a bad VAE folder fails before the source is read
+    prompts = None
+    if args.source == "captions":
+        encoder, prompts = caption_encoders(args)
+    else:
+        encoder = make_encoder(args)  # a bad VAE folder fails before the source is read
     latent = {} if encoder is None else {"encoder": encoder, "latent_dtype": args.latent_dtype or "float32",
                                          "batch_size": args.batch_size or 32, "device": args.device}
+    if prompts is not None:
+        latent["prompts"] = prompts
+        print(f"captions encoded by {prompts.folder} (tokens {prompts.lengths[0]} / {prompts.lengths[1]})")
     if encoder is not None:
         print(f"encoding with {encoder.describe()}")
     source = make_source(args)

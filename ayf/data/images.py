@@ -31,6 +31,7 @@ from ayf.data.loaders import ResumableLoader, device_batch
 from ayf.data.shards import LATENT_DTYPES, MANIFEST, encoder_of, read_manifest, to_model_units
 from ayf.encoders import Encoder, read_vae_config
 from ayf.errors import ConfigError
+from ayf.nn.cond import TEXT_FIELDS
 
 log = logging.getLogger("ayf.data")
 
@@ -154,6 +155,10 @@ def _decoder(shape: tuple, labelled: bool, raw: bool, latents: Optional[_Latents
             out = {"x": latents(img, raw, f"sample {sample.get('__key__')} in {sample.get('__url__')}")}
             if labelled:
                 out["label"] = torch.tensor(int(sample["cls"]), dtype=torch.long)
+            for name in TEXT_FIELDS:  # caption shards: the prompt's embeddings
+                if f"{name}.npy" in sample:
+                    value = torch.from_numpy(np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False))
+                    out[name] = value if name == "text_mask" else value.float()
             return out
         if img.dtype != np.uint8 or tuple(img.shape) != shape:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: "

@@ -58,8 +58,10 @@ class LatentShardWriter(ShardWriter):
     """
 
     def __init__(self, folder, encoder: Encoder, pixel_shape, latent_dtype: str = "float32", job: Optional[dict] = None,
-                 max_bytes: int = 64 << 20, gzip: bool = False, overwrite: bool = False, resume: bool = False):
+                 max_bytes: int = 64 << 20, gzip: bool = False, overwrite: bool = False, resume: bool = False,
+                 text: Optional[dict] = None):
         super().__init__(folder, max_bytes, gzip, overwrite, prepare=not resume)
+        self.text = text  # the manifest's record of the prompts' embeddings (caption shards)
         if latent_dtype not in LATENT_DTYPES:
             raise ConfigError(f"latent_dtype must be one of {', '.join(LATENT_DTYPES)}; got {latent_dtype!r}")
         self.encoder, self.dtype, self.job = encoder, np.dtype(latent_dtype), job or {}
@@ -127,10 +129,11 @@ class LatentShardWriter(ShardWriter):
         return [e["first"] for e in self._done]
 
     def write(self, moments: np.ndarray, label: Optional[int] = None, stats: Optional[tuple] = None,
-              digest: str = "") -> None:
+              digest: str = "", extra: Optional[dict] = None) -> None:
         """Add one example: its moments (of the writer's dtype and moments shape), its label,
         ``stats`` = per-channel means of the latents' expectation and of their expected square,
-        and the :func:`image_digest` of its pixels (kept for the first example of each shard)."""
+        the :func:`image_digest` of its pixels (kept for the first example of each shard), and
+        ``extra`` arrays (its prompt's embeddings)."""
         if moments.dtype != self.dtype or tuple(moments.shape) != self.shape:
             raise ConfigError(f"moments {self.count}: {moments.dtype} {tuple(moments.shape)}, expected "
                               f"{self.dtype} {self.shape}")
@@ -139,7 +142,7 @@ class LatentShardWriter(ShardWriter):
         if (label is not None) != self.labelled:
             raise ConfigError(f"image {self.count}: either every image has a label or none has")
         self._next_digest = digest  # read by _open when this example starts a shard
-        self._append(moments, label)
+        self._append(moments, label, extra)
         if stats is not None:
             self._shard_sum += stats[0]
             self._shard_sq += stats[1]
@@ -147,7 +150,8 @@ class LatentShardWriter(ShardWriter):
     def _extra_fields(self) -> dict:
         return {"shape": list(self.latent_shape), "space": "latent", "encoder": self.encoder.to_manifest(),
                 "pixel_shape": list(self.pixel_shape), "moments_shape": list(self.shape),
-                "moments_dtype": self.dtype.name, "latent_shape": list(self.latent_shape), "job": self.job}
+                "moments_dtype": self.dtype.name, "latent_shape": list(self.latent_shape), "job": self.job,
+                **({"text": self.text} if self.text else {})}
 
     def close(self, num_classes: int = 0, class_names: Optional[Sequence[str]] = None, source: str = "") -> dict:
         """Finish the last shard, write the manifest and drop the resume record."""
@@ -178,11 +182,16 @@ def _padded(source: Source, i: int, pad: int) -> tuple:
 
 def write_latent_split(source: Source, folder, indices, encoder: Encoder, pad: int = 0, desc: str = "",
                        latent_dtype: str = "float32", batch_size: int = 32, device=None, resume: bool = False,
-                       max_bytes: int = 64 << 20, gzip: bool = False) -> dict:
+                       max_bytes: int = 64 << 20, gzip: bool = False, prompts=None) -> dict:
     """Encode ``source[indices]`` in batches of ``batch_size`` on ``device`` (default: CUDA when
     available; the encoder is moved there) and write its moments into one shard folder; returns its
     manifest. ``resume``: the folder may hold a complete or interrupted write of the same job, which
-    is kept (see the module docstring); otherwise it is cleared of ayf's files first."""
+    is kept (see the module docstring); otherwise it is cleared of ayf's files first.
+
+    ``prompts`` (an :class:`ayf.text.PromptEncoder`, with a :class:`~ayf.data.sources.CaptionSource`):
+    each example also holds its caption's ``text``, ``text_mask`` and ``pooled`` embeddings (as
+    ``<key>.text.npy`` ...; text and pooled of ``latent_dtype``), the folder the empty prompt's
+    (``null_prompt.pt``), and the manifest a ``text`` record."""
     import torch
     from tqdm.auto import tqdm
 
@@ -192,14 +201,19 @@ def write_latent_split(source: Source, folder, indices, encoder: Encoder, pad: i
     job = {"encoder": encoder.to_manifest(), "latent_dtype": latent_dtype, "pixel_shape": list(pixel_shape),
            "pad": int(pad), "max_bytes": int(max_bytes), "gzip": bool(gzip), "count": int(len(indices)),
            "indices_sha256": hashlib.sha256(indices.tobytes()).hexdigest(), "source_count": len(source)}
+    if prompts is not None:
+        if not hasattr(source, "caption"):
+            raise ConfigError("prompt embeddings need a source of captioned images (ayf shards captions)")
+        job["prompts"] = prompts.to_manifest()
     if resume and (folder / MANIFEST).is_file() and not (folder / PARTIAL).exists():
         done = read_manifest(folder)
         if done.get("job") != job:
             raise ConfigError(f"{folder} holds a complete shard set of another job: pass --overwrite to start again")
         return done
     resume = resume and (folder / PARTIAL).is_file()
+    text = None if prompts is None else {**job["prompts"], "null_prompt": NULL_PROMPT}
     writer = LatentShardWriter(folder, encoder, pixel_shape, latent_dtype, job, max_bytes=max_bytes, gzip=gzip,
-                               overwrite=True, resume=resume)
+                               overwrite=True, resume=resume, text=text)
     start = 0
     for entry, digest in zip(writer.shards, writer.first_digests, strict=True):
         if image_digest(*_padded(source, indices[start], pad)) != digest:
@@ -227,13 +241,40 @@ def write_latent_split(source: Source, folder, indices, encoder: Encoder, pad: i
                 mean, var = encoder.latent_mean_var(torch.from_numpy(moments.astype(np.float32)))
                 mean, var = mean.double(), var.double()
                 firsts = mean.mean((-2, -1)).numpy(), (mean**2 + var).mean((-2, -1)).numpy()
+                extras = [None] * len(items)
+                if prompts is not None:
+                    extras = prompt_arrays(prompts, [source.caption(i) for i in indices[begin: begin + batch_size]],
+                                           writer.dtype)
                 for j, (img, label) in enumerate(items):
-                    writer.write(moments[j], label, (firsts[0][j], firsts[1][j]), image_digest(img, label))
+                    writer.write(moments[j], label, (firsts[0][j], firsts[1][j]), image_digest(img, label), extras[j])
                 bar.update(len(items))
+        if prompts is not None:
+            import torch
+
+            atomic_write(str(folder / NULL_PROMPT), lambda fh: torch.save(prompts.null_prompt(), fh))
     except BaseException:
         writer.abort()
         raise
     return writer.close(source.num_classes, source.class_names, source=desc)
+
+
+NULL_PROMPT = "null_prompt.pt"  # the empty prompt's embeddings, beside caption shards
+
+
+def prompt_arrays(prompts, captions, dtype) -> list:
+    """Per caption ``{"text", "text_mask", "pooled"}`` arrays: its embeddings by ``prompts``."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cond = prompts(captions)
+    for w in caught:  # a truncated caption, said above the progress bar
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {w.message}")
+    text, mask, pooled = (v.cpu().numpy() for v in (cond.text, cond.text_mask, cond.pooled))
+    return [{"text": text[j].astype(dtype), "text_mask": mask[j], "pooled": pooled[j].astype(dtype)}
+            for j in range(len(captions))]
 
 
 def interrupted_latent_write(out) -> bool:
@@ -254,7 +295,7 @@ def write_latent_dataset(source: Source, out: Path, n: int, val_fraction: float,
         raise ConfigError(f"latent_dtype must be one of {', '.join(LATENT_DTYPES)}; got {latent_dtype!r}")
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    unknown = set(writer_kw) - {"max_bytes", "gzip"}
+    unknown = set(writer_kw) - {"max_bytes", "gzip", "prompts"}
     if unknown:
         raise ConfigError(f"unknown shard writer options {sorted(unknown)}")
     resume = not overwrite and interrupted_latent_write(out)

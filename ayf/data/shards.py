@@ -27,9 +27,11 @@ import numpy as np
 
 from ayf.data.sources import (  # noqa: F401  (re-exported: the shard writers' sources)
     IMAGE_SUFFIXES,
+    CaptionSource,
     Source,
     arrays_source,
     as_chw,
+    caption_records,
     center_crop,
     digits_source,
     folder_images,
@@ -146,9 +148,10 @@ class ShardWriter:
         self._sum += x.mean(1)
         self._sq += (x**2).mean(1)
 
-    def _append(self, array: np.ndarray, label: Optional[int]) -> None:
-        """Store one example as ``<key>.npy`` (and ``<key>.cls``), in a new shard when the current
-        one is full, and count it."""
+    def _append(self, array: np.ndarray, label: Optional[int], extra: Optional[dict] = None) -> None:
+        """Store one example as ``<key>.npy`` (and ``<key>.cls``, and each ``extra`` array as
+        ``<key>.<name>.npy``: a prompt's embeddings), in a new shard when the current one is full,
+        and count it."""
         if self._tar is None or self._bytes >= self.max_bytes:
             if self._tar is not None:
                 self._finish_shard()
@@ -159,6 +162,10 @@ class ShardWriter:
         self._add(f"{key}.npy", buf.getvalue())
         if label is not None:
             self._add(f"{key}.cls", str(int(label)).encode())
+        for name, value in (extra or {}).items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+            self._add(f"{key}.{name}.npy", buf.getvalue())
         self.shards[-1]["count"] += 1
         self.count += 1
 

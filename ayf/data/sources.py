@@ -174,3 +174,60 @@ class Source:
         return 0
 
 
+
+
+def caption_records(spec) -> tuple:
+    """``(records, skipped)`` of an image-caption list: a JSONL file of ``{"image": path, "caption":
+    text}`` (and optionally ``"label"``: an int), or a folder holding ``captions.jsonl``. Paths are
+    relative to the list's folder. A record whose line does not parse, lacks a field, or whose image
+    is missing or unreadable is skipped: ``skipped`` is ``(count, the first one's reason)``."""
+    import json
+
+    from PIL import Image
+
+    spec = Path(spec)
+    file = spec / "captions.jsonl" if spec.is_dir() else spec
+    if not file.is_file():
+        raise ConfigError(f"no caption list at {file}: give a JSONL file of {{\"image\": ..., \"caption\": ...}} "
+                          "lines, or a folder with captions.jsonl", missing=str(file))
+    records, bad, first = [], 0, None
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            image, text = rec["image"], rec["caption"]
+            if not isinstance(text, str) or not isinstance(image, str):
+                raise ValueError("image and caption must be strings")
+            path = (file.parent / image).resolve()
+            with Image.open(path) as im:
+                im.verify()
+            label = rec.get("label")
+            records.append((str(path), text, None if label is None else int(label)))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            bad += 1
+            first = first or f"{file.name} line {n}: {type(err).__name__}: {err}"
+    if not records:
+        raise ConfigError(f"{file}: no usable image-caption record" + (f" ({first})" if first else ""))
+    labelled = {label is not None for _, _, label in records}
+    if len(labelled) > 1:
+        raise ConfigError(f"{file}: either every record has a label or none has")
+    return records, (bad, first)
+
+
+class CaptionSource(Source):
+    """Images with captions (:func:`caption_records`): ``[i] -> (uint8 (C, H, W), label or None)``
+    and :meth:`caption` ``(i) -> str``."""
+
+    def __init__(self, records, channels: Optional[int] = None, resolution: Optional[int] = None):
+        super().__init__(None, paths=[(path, label) for path, _, label in records], channels=channels,
+                         resolution=resolution)
+        self.captions = [text for _, text, _ in records]
+
+    def caption(self, i: int) -> str:
+        return self.captions[int(i)]
+
+    def subset(self, n: int, seed: int = 0) -> "CaptionSource":
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return CaptionSource([(self.paths[i][0], self.captions[i], self.paths[i][1]) for i in keep],
+                             self.channels, self.resolution)

@@ -33,7 +33,8 @@ class VAEEncoder(Encoder):
     Args:
         folder: the VAE's folder (``config.json`` and ``diffusion_pytorch_model.safetensors``, as
             ``AutoencoderKL.save_pretrained`` writes them; a pipeline's ``vae/`` sub-folder).
-        normalisation: ``"edm2_sd"`` (see :data:`NORMALISATIONS`) or a dict ``{"mean": [...],
+        normalisation: ``"edm2_sd"`` (see :data:`NORMALISATIONS`), ``"vae_config"`` (what diffusers
+            pipelines do: ``(raw - shift_factor) * scaling_factor`` from the VAE's config) or a dict ``{"mean": [...],
             "std": [...]}`` of the raw latents' per-channel mean and std, optionally with
             ``"final_mean"`` and ``"final_std"`` (numbers or per-channel lists; default 0 and 0.5,
             the spread of [-1, 1] pixels). ``z = (raw - mean) / std * final_std + final_mean``.
@@ -218,9 +219,14 @@ class VAEEncoder(Encoder):
 def normalisation_constants(spec: Union[str, dict], channels: int, folder: str = "") -> dict:
     """A normalisation (a preset name or a dict, see :class:`VAEEncoder`) as plain JSON with
     per-channel lists: ``{"preset", "mean", "std", "final_mean", "final_std"}``."""
+    if spec == "vae_config":  # diffusers pipelines' own: (raw - shift_factor) * scaling_factor
+        config = read_vae_config(folder)
+        scale, shift = float(config.get("scaling_factor") or 1.0), float(config.get("shift_factor") or 0.0)
+        spec = {"preset": "vae_config", "mean": [shift] * channels, "std": [1.0 / scale] * channels,
+                "final_mean": 0.0, "final_std": 1.0}
     if isinstance(spec, str):
         if spec not in NORMALISATIONS:
-            raise ConfigError(f"unknown normalisation {spec!r}: give one of {', '.join(NORMALISATIONS)}, or "
+            raise ConfigError(f"unknown normalisation {spec!r}: give one of {', '.join(NORMALISATIONS)}, vae_config, or "
                               'a JSON object {"mean": [...], "std": [...]} of the raw latents per channel')
         preset, spec = spec, NORMALISATIONS[spec]
     elif isinstance(spec, dict):
