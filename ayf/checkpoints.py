@@ -234,7 +234,17 @@ def checked_record(ckpt: dict, path: str, kinds=None) -> dict:
     return record
 
 
-def load_weights(net, state: dict, path: str) -> None:
+def load_weights(net, state: dict, path: str, base: Optional[dict] = None) -> None:
+    """``state`` into ``net``; a net with a frozen base (a LoRA student, :meth:`ayf.nn.FlowMap.frozen_key`)
+    takes the rest of its weights from its own folder, which must be the ``base`` the checkpoint names."""
+    frozen = getattr(net, "frozen_key", None)
+    if base is not None and frozen is not None:
+        here = net.base_record()
+        if here is None or here["fingerprint"] != base.get("fingerprint"):
+            raise CheckpointError(f"{path}: a LoRA of another base model (trained on {base.get('folder')}, weights "
+                                  f"{base.get('fingerprint')}; the model here is {None if here is None else here['folder']}, "
+                                  f"{None if here is None else here['fingerprint']})")
+        state = {**{k: v for k, v in net.state_dict().items() if frozen(k)}, **state}
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
@@ -246,7 +256,7 @@ def network_from(ckpt: dict, path: str, use_ema: bool = True, kinds=None):
     weights it is (the absolute path, the task kind, the step, EMA or trained weights)."""
     record = checked_record(ckpt, path, kinds)
     net = build_network(record["net"])
-    load_weights(net, network_weights(ckpt, use_ema), path)
+    load_weights(net, network_weights(ckpt, use_ema), path, record.get("base"))
     return net.eval(), record, source_of(ckpt, path, use_ema)
 
 
@@ -295,7 +305,7 @@ class CheckpointFlowMap(FlowMap):
             raise CheckpointError(f"{ckpt_path} records a {config.get('class_path')} network, not an ayf.nn.FlowMap")
         args = dict(config.get("init_args", {}))
         super().__init__(build_object(args.pop("backbone"), nn.Module), **args)
-        load_weights(self, network_weights(ckpt, weights == "ema"), ckpt_path)
+        load_weights(self, network_weights(ckpt, weights == "ema"), ckpt_path, ckpt["ayf"].get("base"))
         self.net_config, self.ckpt_path = config, ckpt_path
         self.source = source_of(ckpt, ckpt_path, weights == "ema")
         self.initial_ema = ema_weights(ckpt)

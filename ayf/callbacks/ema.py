@@ -97,13 +97,18 @@ class EMA(L.Callback):
 
     def _ensure(self, pl_module):
         if self.ema is None:
-            self.ema = copy.deepcopy(pl_module.net).requires_grad_(False).eval()
+            net = pl_module.net
+            # a frozen base (a LoRA student's model) is shared, not copied: it never changes
+            shared = [t for k, t in net.state_dict(keep_vars=True).items() if _frozen(net, k)]
+            self.ema = copy.deepcopy(net, memo={id(t): t for t in shared}).eval()
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
             initial = getattr(pl_module, "initial_ema", None)
             if self._pending is not None:
-                self.ema.load_state_dict(self._pending)
+                _load(self.ema, self._pending)
                 self._pending = None
             elif initial is not None:
-                self.ema.load_state_dict(initial)
+                _load(self.ema, initial)
                 self.continued = True
         return self.ema
 
@@ -127,7 +132,9 @@ class EMA(L.Callback):
         step = trainer.global_step  # optimiser steps so far, this batch's included; restored on resume
         d = self.decay_at(step, step - (0 if self.step is None else self.step))
         self.step = step
-        for e, p in zip(ema.state_dict().values(), pl_module.net.state_dict().values(), strict=True):
+        net = pl_module.net.state_dict()
+        for k, e in _tracked(ema).items():
+            p = net[k]
             if e.dtype.is_floating_point:
                 e.lerp_(p.to(e.dtype), 1.0 - d)
             else:
@@ -138,13 +145,13 @@ class EMA(L.Callback):
         if self.ema is None and self._pending is None and getattr(pl_module, "initial_ema", None) is None:
             return
         ema = self._ensure(pl_module)
-        self._backup = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
-        pl_module.net.load_state_dict(ema.state_dict())
+        self._backup = {k: v.detach().clone() for k, v in _tracked(pl_module.net).items()}
+        _load(pl_module.net, _tracked(ema))
 
     def swap_out(self, pl_module):
         """Put the trained weights back after :meth:`swap_in`."""
         if self._backup is not None:
-            pl_module.net.load_state_dict(self._backup)
+            _load(pl_module.net, self._backup)
             self._backup = None
 
     def on_validation_start(self, trainer, pl_module):
@@ -166,7 +173,7 @@ class EMA(L.Callback):
 
     def state_dict(self):
         return {"decay": self.decay, "sigma_rel": self.sigma_rel, "step": self.step, "continued": self.continued,
-                "ema": None if self.ema is None else copy.deepcopy(self.ema.state_dict())}
+                "ema": None if self.ema is None else copy.deepcopy(_tracked(self.ema))}
 
     def load_state_dict(self, state_dict):
         saved = state_dict.get("sigma_rel")  # absent from checkpoints older than the power EMA: classic
@@ -177,9 +184,27 @@ class EMA(L.Callback):
         self.step = state_dict.get("step")
         if state_dict.get("ema") is not None:
             if self.ema is not None:
-                self.ema.load_state_dict(state_dict["ema"])
+                _load(self.ema, state_dict["ema"])
             else:
                 self._pending = state_dict["ema"]
+
+
+def _frozen(net, key: str) -> bool:
+    frozen = getattr(net, "frozen_key", None)
+    return bool(frozen(key)) if frozen is not None else False
+
+
+def _tracked(net) -> dict:
+    """The state the average tracks: all of ``net``'s but a frozen base (:meth:`ayf.nn.FlowMap.frozen_key`)."""
+    return {k: v for k, v in net.state_dict().items() if not _frozen(net, k)}
+
+
+def _load(net, state: dict) -> None:
+    """Load the tracked ``state`` into ``net``: every tracked entry, the frozen base left as it is."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _frozen(net, k)]
+    if missing or unexpected:
+        raise RuntimeError(f"EMA weights do not fit the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def _mode(sigma_rel) -> str:

@@ -83,6 +83,17 @@ class FlowMap(nn.Module):
     def is_flow_map(self) -> bool:
         return self.s_emb is not None
 
+    def frozen_key(self, key: str) -> bool:
+        """Whether a state entry belongs to a frozen base that the backbone loads from its own
+        folder (a LoRA student's model): checkpoints and the EMA leave it out."""
+        frozen = getattr(self.backbone, "frozen_key", None)
+        return key.startswith("backbone.") and frozen is not None and bool(frozen(key[len("backbone."):]))
+
+    def base_record(self) -> Optional[dict]:
+        """The frozen base's folder and weights fingerprint (None without a frozen base)."""
+        record = getattr(self.backbone, "base_record", None)
+        return record() if record is not None else None
+
     @property
     def reads_lam(self) -> bool:
         """The net reads the guidance scale ``cond.lam``: through its guidance input, or as a

@@ -78,6 +78,21 @@ def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
+def weights_fingerprint(state: dict, samples: int = 4096) -> str:
+    """A hash of a model's weights: each tensor's name, shape and dtype and ``samples`` of its
+    values at a fixed stride (enough to tell two base models apart, in a fraction of a full hash's time)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class TimeDifferenceEmbedding(nn.Module):
     """The s branch: the model's sinusoidal time projection and a copy of its timestep MLP, fed
     ``t - s`` in the model's units (x 1000); its last layer starts at zero."""
@@ -190,6 +205,18 @@ class FluxBackbone(nn.Module):
         inject_adapter_in_model(config, self.model)
         for name, p in self.model.named_parameters():
             p.requires_grad_("lora_" in name)
+
+    def frozen_key(self, key: str) -> bool:
+        """A LoRA student's base weights (its model's, not the adapters'): loaded from the folder,
+        never trained, left out of checkpoints."""
+        return self.lora_rank > 0 and key.startswith("model.") and "lora_" not in key
+
+    def base_record(self) -> Optional[dict]:
+        """``{"folder", "fingerprint"}`` of a LoRA student's base model; None for a full model."""
+        if not self.lora_rank:
+            return None
+        base = {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items() if "lora_" not in k}
+        return {"folder": self.folder, "fingerprint": weights_fingerprint(base)}
 
     def s_embedding(self) -> nn.Module:
         """The s branch (:class:`TimeDifferenceEmbedding`) that :class:`ayf.nn.FlowMap` uses for this backbone."""

@@ -52,9 +52,10 @@ class Persistence:
         in a latent space, its encoder (``ayf sample`` and ``ayf export`` decode through it)."""
         encoder = self.data_encoder()
         space = {} if encoder is None or encoder.kind == "identity" else {"encoder": encoder.to_manifest()}
+        base = self.net.base_record()
         return make_record(self.kind, self.net_config(), self.net.data_shape, self.default_solver,
                            getattr(self.objective, "sample_gamma", 0.0), self.sample_guidance,
-                           **space, **self.record_extras())
+                           **space, **({"base": base} if base else {}), **self.record_extras())
 
     def data_encoder(self):
         """The encoder of the attached data (:mod:`ayf.encoders`; the identity for pixels), or None."""
@@ -84,15 +85,22 @@ class Persistence:
 
     def state_dict(self, *args, **kwargs):
         sd = super().state_dict(*args, **kwargs)
-        for key in [k for k in sd if k.startswith(TEACHER_PREFIX)]:
+        for key in [k for k in sd if k.startswith(TEACHER_PREFIX) or self._frozen_base(k)]:
             del sd[key]
         return sd
+
+    def _frozen_base(self, key: str) -> bool:
+        """A state entry of the net's frozen base (a LoRA student's model: the config names its folder)."""
+        return key.startswith("net.") and self.net.frozen_key(key[len("net."):])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = dict(state_dict)
         teacher = getattr(self.objective, "teacher", None)
         if isinstance(teacher, torch.nn.Module):
             for key, value in teacher.state_dict(prefix=TEACHER_PREFIX).items():
+                state_dict.setdefault(key, value)
+        for key, value in self.net.state_dict(prefix="net.").items():  # the frozen base, as loaded
+            if self._frozen_base(key):
                 state_dict.setdefault(key, value)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

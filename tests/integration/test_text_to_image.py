@@ -1,0 +1,77 @@
+"""Text to image end to end through the CLI, on a tiny FLUX-shaped pipeline built offline: caption
+shards, a LoRA flow-map student distilled with `ayf fit` from the pipeline's transformer, and its
+checkpoint, which holds only the adapters and the s branch and names its base model."""
+import glob
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from ayf.checkpoints import CheckpointFlowMap, read_checkpoint  # noqa: E402
+from ayf.cli import main  # noqa: E402
+from ayf.errors import CheckpointError  # noqa: E402
+from tests.data.test_caption_shards import caption_list  # noqa: E402
+from tests.text_pipeline import flux_pipeline  # noqa: E402
+
+
+def distill_config(pipe, shards, steps=3, rank=4):
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "logger": False,
+                    "enable_progress_bar": False, "default_root_dir": "runs", "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "callbacks": [{"class_path": "ayf.callbacks.EMA", "init_args": {"decay": 0.9}},
+                                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": "ckpt", "save_last": True}}]},
+        "model": {"class_path": "ayf.tasks.FlowMapDistillation", "init_args": {
+            "teacher": {"class_path": "ayf.nn.flux.FluxTeacher",
+                        "init_args": {"model": pipe, "null_prompt": f"{shards}/null_prompt.pt"}},
+            "net": {"class_path": "ayf.nn.FlowMap", "init_args": {"backbone": {
+                "class_path": "ayf.nn.flux.FluxBackbone", "init_args": {"model": pipe, "lora_rank": rank}}}},
+            "objective": {"class_path": "ayf.objectives.EMD", "init_args": {"warmup": 0}},
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}}},
+        "data": {"class_path": "ayf.data.ImageShards", "init_args": {"train": shards, "batch_size": 4,
+                                                                     "epoch_length": 8}},
+    }
+
+
+def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    warnings.simplefilter("ignore")
+    pipe = flux_pipeline(str(tmp_path / "pipe"))
+    pairs = caption_list(tmp_path / "pairs", n=8, bad=False)
+    assert main(["shards", "captions", "--input", str(pairs), "--pipeline", pipe, "--output", "shards"]) == 0
+    with open("distill.yaml", "w") as f:
+        yaml.safe_dump(distill_config(pipe, str(tmp_path / "shards")), f)
+    assert main(["fit", "--config", "distill.yaml"]) == 0
+    (path,) = glob.glob("ckpt/last.ckpt")
+    ckpt = read_checkpoint(path)
+    saved = [k[len("net."):] for k in ckpt["state_dict"]]
+    assert saved and all("lora_" in k or k.startswith("s_emb.") for k in saved)
+    ema = next(v["ema"] for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))
+    assert sorted(ema) == sorted(saved)  # the average leaves the base out too
+    base = ckpt["ayf"]["base"]
+    assert base["folder"] == os.path.join(pipe, "transformer") and len(base["fingerprint"]) == 16
+    base_numel = sum(v.numel() for v in CheckpointFlowMap(path).backbone.model.state_dict().values())
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) < 0.5 * base_numel
+    student = CheckpointFlowMap(path, weights="raw")
+    trained = {k: v for k, v in student.state_dict().items() if "lora_B" in k}
+    assert trained and all(torch.equal(v, ckpt["state_dict"][f"net.{k}"]) for k, v in trained.items())
+    assert any(v.abs().sum() > 0 for v in trained.values())  # the adapters trained
+    # the same LoRA on another base model: one line
+    other = flux_pipeline(str(tmp_path / "other"), seed=1)
+    ckpt["ayf"]["net"]["init_args"]["backbone"]["init_args"]["model"] = other
+    torch.save(ckpt, "moved.ckpt")
+    with pytest.raises(CheckpointError, match="a LoRA of another base model"):
+        CheckpointFlowMap("moved.ckpt")
+    # a run resumed from the checkpoint continues (the base comes from the folder again)
+    assert main(["fit", "--config", "distill.yaml", "--trainer.max_steps", "4", "--ckpt_path", path,
+                 "--trainer.default_root_dir", "runs2"]) == 0
+    assert read_checkpoint("ckpt/last.ckpt")["global_step"] == 4
+    json.dumps(ckpt["ayf"])  # plain data
