@@ -1,5 +1,8 @@
 """Draw samples from a checkpoint or a diffusers model to a .npy file or a PNG grid.
 
+A text-to-image model samples from prompts (--prompt, --prompts FILE), encoded by its pipeline's
+text encoders; latents are decoded through the recorded VAE for a PNG (or with --decode).
+
 A flow-map checkpoint (FlowMapDistillation, AdversarialFinetuning) samples with the flow map
 (gamma-sampling optional), with the solver, gamma and guidance scale of its training run unless
 given; a teacher checkpoint (FlowMatching, Realignment, `ayf convert`) and a diffusers model folder
@@ -55,6 +58,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and of gamma-sampling")
     p.add_argument("--label", default=None, help="class label for class-conditional models, or `all` to cycle "
                    "through the classes (sample i gets class i mod K)")
+    p.add_argument("--prompt", action="append", default=None, help="text-to-image models: a prompt (repeat it for "
+                   "several; sample i gets prompt i mod P, one prompt per grid column)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image models: a file of prompts, one a line")
+    p.add_argument("--pipeline", default=None, metavar="DIR", help="with prompts: the pipeline folder whose text "
+                   "encoders encode them (default: the one the model's transformer sits in)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale lam: of a guided flow map (default: "
                    "its training run's sample_guidance), or classifier-free guidance of a teacher trained with label_dropout")
     p.add_argument("--scale", type=int, default=0, help="PNG output: zoom each pixel this many times (nearest "
@@ -118,11 +126,45 @@ def class_labels(arg, num_classes: int, n: int):
     return torch.full((n,), int(arg), dtype=torch.long)
 
 
+def read_prompts(args) -> list:
+    """The prompts of ``--prompt`` and ``--prompts FILE`` (blank lines skipped), in order."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            raise ConfigError(f"prompt file not found: {args.prompts}")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ConfigError(f"{args.prompts} holds no prompt")
+    return prompts
+
+
+def prompt_cond(net, prompts: list, n: int, pipeline=None) -> dict:
+    """The text fields of :class:`Cond` for ``n`` samples (prompt i mod P), by the text encoders of
+    ``pipeline`` (default: the pipeline folder that the model's transformer sits in)."""
+    backbone = getattr(net, "backbone", None)
+    if not hasattr(backbone, "text_dim"):
+        if prompts:
+            raise ConfigError("--prompt: this model takes no prompt")
+        return {}
+    if not prompts:
+        raise ConfigError("this model is text-conditional: pass --prompt TEXT (or --prompts FILE)")
+    from ayf.text import PromptEncoder
+
+    folder = pipeline or backbone.pipeline
+    if folder is None:
+        raise ConfigError("give --pipeline: the pipeline folder whose text encoders encode the prompts")
+    cond = PromptEncoder(folder)([prompts[i % len(prompts)] for i in range(n)])
+    print(f"ayf: {len(prompts)} prompt(s) encoded by {os.path.abspath(folder)}")
+    return {"text": cond.text, "text_mask": cond.text_mask, "pooled": cond.pooled}
+
+
 def run(args) -> int:
     check_output(args.output, args.overwrite, inputs=(args.ckpt_path, args.noise), suffixes=(".npy", ".png"))
     grid = make_grid(steps=args.steps, grid=[float(v) for v in args.grid.split(",")] if args.grid else None)
     if args.scale < 0:
         raise ConfigError(f"--scale must be 0 (automatic) or a zoom >= 1, got {args.scale}")
+    prompts = read_prompts(args)
     net, record, source = model_to_sample(args)
     if not net.is_flow_map and args.solver in (None, "flow_map"):
         raise ConfigError(f"{source} holds a velocity model (a {record['kind']}), not a flow map: "
@@ -139,14 +181,15 @@ def run(args) -> int:
         if args.num_samples is not None and args.num_samples != len(noise):
             raise ConfigError(f"--num_samples {args.num_samples} disagrees with the {len(noise)} rows of {args.noise}")
     else:
-        noise = torch.randn(args.num_samples or 1000, *shape, generator=gen)
+        noise = torch.randn(args.num_samples or (len(prompts) if prompts else 1000), *shape, generator=gen)
     if net.is_flow_map:
         net.check_lam(lam)
         model = net
     else:  # a teacher: classifier-free guidance when asked
         model = velocity_teacher(net, record.get("label_dropout"), lam)
         lam = lam if model.reads_lam else None
-    cond = Cond.build(len(noise), label=class_labels(args.label, net.num_classes, len(noise)), lam=lam)
+    cond = Cond.build(len(noise), label=class_labels(args.label, net.num_classes, len(noise)), lam=lam,
+                      **prompt_cond(net, prompts, len(noise), args.pipeline))
     encoder = encoder_from_manifest(record.get("encoder")) if record.get("encoder") else None
     if args.decode and encoder is None:
         raise ConfigError(f"--decode: {source} is a model of pixel data (no encoder recorded); leave it out")
@@ -159,7 +202,8 @@ def run(args) -> int:
                                progress=f"sampling ({solver}, {len(grid) - 1} steps)")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if png:
-        cols = net.num_classes if args.label == "all" else max(1, int(len(samples) ** 0.5))
+        cols = (net.num_classes if args.label == "all" else len(prompts) if len(prompts) > 1
+                else max(1, int(len(samples) ** 0.5)))
         h, w = save_png(samples, args.output, cols, args.scale)
         print(f"wrote a {w}x{h}-pixel grid of {len(samples)} samples to {args.output}")
     else:

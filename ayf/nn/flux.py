@@ -206,6 +206,14 @@ class FluxBackbone(nn.Module):
         for name, p in self.model.named_parameters():
             p.requires_grad_("lora_" in name)
 
+    @property
+    def pipeline(self) -> Optional[str]:
+        """The pipeline folder the transformer sits in (with its text encoders), or None."""
+        if self.folder is None:
+            return None
+        parent = os.path.dirname(self.folder)
+        return parent if os.path.isdir(os.path.join(parent, "text_encoder")) else None
+
     def frozen_key(self, key: str) -> bool:
         """A LoRA student's base weights (its model's, not the adapters'): loaded from the folder,
         never trained, left out of checkpoints."""

@@ -64,6 +64,28 @@ def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatc
     trained = {k: v for k, v in student.state_dict().items() if "lora_B" in k}
     assert trained and all(torch.equal(v, ckpt["state_dict"][f"net.{k}"]) for k, v in trained.items())
     assert any(v.abs().sum() > 0 for v in trained.values())  # the adapters trained
+    # ayf sample from prompts: decoded through the VAE the shards recorded, one prompt per column
+    assert main(["sample", "--ckpt_path", path, "--prompt", "a handwritten seven", "--prompt", "a handwritten one",
+                 "--num_samples", "4", "--steps", "2", "--output", "grid.png"]) == 0
+    assert os.path.getsize("grid.png") > 0
+    assert main(["sample", "--ckpt_path", path, "--prompt", "a handwritten seven", "--prompt", "a handwritten one",
+                 "--num_samples", "4", "--steps", "2", "--output", "latents.npy"]) == 0
+    import numpy as np
+
+    from ayf.nn import Cond
+    from ayf.sampling import generate
+    from ayf.text import PromptEncoder
+
+    latents = torch.from_numpy(np.load("latents.npy"))
+    ema = CheckpointFlowMap(path).eval()
+    noise = torch.randn(4, *ema.data_shape, generator=torch.Generator().manual_seed(0))
+    prompts = PromptEncoder(pipe)(["a handwritten seven", "a handwritten one"] * 2)
+    with torch.no_grad():
+        want = generate(ema, noise, 2, Cond(text=prompts.text, text_mask=prompts.text_mask, pooled=prompts.pooled))
+        other = generate(ema, noise, 2, Cond(text=prompts.text.flip(0), pooled=prompts.pooled.flip(0)))
+    torch.testing.assert_close(latents, want)
+    assert not torch.allclose(latents, other)  # the prompt reaches the samples
+    assert main(["sample", "--ckpt_path", path, "--steps", "2", "--output", "x.npy"]) == 2  # no prompt: one line
     # the same LoRA on another base model: one line
     other = flux_pipeline(str(tmp_path / "other"), seed=1)
     ckpt["ayf"]["net"]["init_args"]["backbone"]["init_args"]["model"] = other
