@@ -199,10 +199,12 @@ def portable_config(net: FlowMap, config: dict) -> dict:
 
 
 def export(ckpt_path: str, output: str, use_ema: bool = True, overwrite: bool = False,
-           model_folder: Optional[str] = None) -> FlowMapPipeline:
+           model_folder: Optional[str] = None) -> Optional[FlowMapPipeline]:
     """Writes the flow map of ``ckpt_path`` as a diffusers pipeline folder at ``output``: the
     FlowMapModel under ``flow_map/`` (safetensors), a FlowMapEulerDiscreteScheduler under
-    ``scheduler/`` and ``model_index.json``. Returns the pipeline."""
+    ``scheduler/`` and ``model_index.json``. Returns the pipeline. A LoRA student of a FLUX
+    transformer is written as a diffusers LoRA with its s branch instead (:mod:`ayf.export_flux`;
+    returns None)."""
     if os.path.exists(output) and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
     real_out = os.path.realpath(output)
@@ -219,6 +221,11 @@ def export(ckpt_path: str, output: str, use_ema: bool = True, overwrite: bool = 
             raise ConfigError(f"--model_folder: {ckpt_path} records no model folder (not a diffusers model)")
         backbone["init_args"]["model"] = os.path.abspath(model_folder)
     net, record, source = network_from(ckpt, ckpt_path, use_ema, FLOW_MAP_KINDS)
+    if getattr(net.backbone, "lora_rank", 0):  # a LoRA of a FLUX transformer: exported as a diffusers LoRA
+        from ayf.export_flux import export_lora
+
+        export_lora(net, record, source, output)
+        return None
     sampling = record.get("sampling") or {}
     if float(sampling.get("gamma") or 0.0) > 0.0:
         raise ConfigError(f"{ckpt_path} samples with gamma {sampling['gamma']} (a consistency model), which "

@@ -4,6 +4,10 @@ The folder is a diffusers pipeline (FlowMapPipeline): the flow map under flow_ma
 weights in safetensors, with the network's config), a FlowMapEulerDiscreteScheduler under
 scheduler/, and model_index.json. It names no file of the run it came from. Loading it needs
 `pip install 'ayf[diffusers]'`; see the README's "Take a student to diffusers".
+
+A LoRA student of a FLUX transformer is written as a diffusers LoRA (pytorch_lora_weights.safetensors,
+what FluxPipeline.load_lora_weights reads) with its s branch (s_branch/) and flow_map.json, and
+samples with ayf.export_flux.FlowMapFluxPipeline.from_export(BASE_PIPELINE, OUTPUT).
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ def run(args) -> int:
 
     pipe = export(args.ckpt_path, args.output, use_ema=not args.no_ema, overwrite=args.overwrite,
                   model_folder=args.model_folder)
+    if pipe is None:  # a text-to-image LoRA
+        print(f"ayf: exported the LoRA and s branch of {args.ckpt_path} to {args.output}; sample it with "
+              "ayf.export_flux.FlowMapFluxPipeline.from_export(BASE_PIPELINE, OUTPUT)(prompt, num_inference_steps=4)")
+        return 0
     config = pipe.flow_map.config
     what = [f"data shape {tuple(config.data_shape)}"]
     if pipe.flow_map.num_classes:

@@ -33,7 +33,8 @@ def distill_config(pipe, shards, steps=3, rank=4):
             "teacher": {"class_path": "ayf.nn.flux.FluxTeacher",
                         "init_args": {"model": pipe, "null_prompt": f"{shards}/null_prompt.pt"}},
             "net": {"class_path": "ayf.nn.FlowMap", "init_args": {"backbone": {
-                "class_path": "ayf.nn.flux.FluxBackbone", "init_args": {"model": pipe, "lora_rank": rank}}}},
+                "class_path": "ayf.nn.flux.FluxBackbone", "init_args": {"model": pipe, "lora_rank": rank,
+                                                                "lora_alpha": 2 * rank}}}},
             "objective": {"class_path": "ayf.objectives.EMD", "init_args": {"warmup": 0}},
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}}},
         "data": {"class_path": "ayf.data.ImageShards", "init_args": {"train": shards, "batch_size": 4,
@@ -86,6 +87,27 @@ def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatc
     torch.testing.assert_close(latents, want)
     assert not torch.allclose(latents, other)  # the prompt reaches the samples
     assert main(["sample", "--ckpt_path", path, "--steps", "2", "--output", "x.npy"]) == 2  # no prompt: one line
+    # ayf export: a diffusers LoRA with the s branch, sampled by diffusers as ayf samples it
+    assert main(["export", "--ckpt_path", path, "--output", "exported"]) == 0
+    from safetensors.torch import load_file
+
+    from ayf.export_flux import FlowMapFluxPipeline
+
+    lora = load_file("exported/pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
+    diffusers_pipe = FlowMapFluxPipeline.from_export(pipe, "exported")
+    assert main(["sample", "--ckpt_path", path, "--prompt", "a handwritten seven", "--prompt", "a handwritten one",
+                 "--num_samples", "2", "--steps", "4", "--decode", "--output", "pixels.npy"]) == 0
+    ours = torch.from_numpy(np.load("pixels.npy"))
+    noise = torch.randn(2, *ema.data_shape, generator=torch.Generator().manual_seed(0))
+    theirs = diffusers_pipe(["a handwritten seven", "a handwritten one"], num_inference_steps=4, latents=noise,
+                            output_type="pt").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    latent = diffusers_pipe(["a handwritten seven"], num_inference_steps=1, latents=noise[:1], output_type="latent").images
+    with torch.no_grad():
+        one = generate(ema, noise[:1], 1, Cond(text=prompts.text[:1], text_mask=prompts.text_mask[:1],
+                                               pooled=prompts.pooled[:1]))
+    torch.testing.assert_close(latent, one, rtol=1e-4, atol=1e-5)
     # the same LoRA on another base model: one line
     other = flux_pipeline(str(tmp_path / "other"), seed=1)
     ckpt["ayf"]["net"]["init_args"]["backbone"]["init_args"]["model"] = other
