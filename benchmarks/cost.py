@@ -110,10 +110,14 @@ def step(opt, loss_fn, *args):
 PARTS = ("teacher", "student_forward", "tangent", "loss", "backward", "optimizer")
 
 
-def profile_parts(fn, calls: int = 10) -> dict:
+def profile_parts(fn, calls: int = 20) -> dict:
     """Milliseconds per call of ``fn`` in each named part (:data:`PARTS`), and ``total``, by
-    torch.profiler over ``calls`` calls (after a steady warm-up)."""
+    torch.profiler over ``calls`` calls (after a steady warm-up, and a profile of a few calls
+    that is thrown away: a process's first profile pays the profiler's own start-up)."""
     warm_up(fn, torch.device("cpu"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        for _ in range(3):
+            fn()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):

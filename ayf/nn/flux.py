@@ -140,8 +140,9 @@ class FluxBackbone(nn.Module):
                  lora_alpha: Optional[float] = None, lora_targets: Sequence[str] = LORA_TARGETS,
                  math_attention: bool = True):
         super().__init__()
-        import diffusers
+        from ayf.nn.diffusers import _diffusers
 
+        diffusers = _diffusers()
         path = None
         if isinstance(model, (str, os.PathLike)):
             path = transformer_folder(os.path.abspath(model))

@@ -56,7 +56,16 @@ class FlowMapTask(AyfTask):
         lines = self.teacher.describe()
         lines = lines if self.teacher.reads_lam else [f"teacher: {line}" for line in lines]
         source = getattr(self.net, "source", None)
-        return lines + ([f"student: {source}"] if source else [])
+        lines += [f"student: {source}"] if source else []
+        base = self.net.base_record()
+        if base is not None:  # a LoRA student: what it trains, and what its checkpoints hold
+            state = self.net.state_dict()
+            kept = [v for k, v in state.items() if not self.net.frozen_key(k)]
+            size = sum(v.numel() * v.element_size() for v in kept)
+            lines.append(f"student: adapters and s branch on {base['folder']}: {sum(v.numel() for v in kept) / 1e6:.3g}M "
+                         f"of {sum(v.numel() for v in state.values()) / 1e6:.3g}M parameters train; checkpoints hold "
+                         f"these ({size / 2**20:.3g} MiB, EMA and optimiser state beside)")
+        return lines
 
     def setup(self, stage):
         dm = self.attached_datamodule()

@@ -42,7 +42,7 @@ def distill_config(pipe, shards, steps=3, rank=4):
     }
 
 
-def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatch):
+def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     warnings.simplefilter("ignore")
     pipe = flux_pipeline(str(tmp_path / "pipe"))
@@ -50,7 +50,10 @@ def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatc
     assert main(["shards", "captions", "--input", str(pairs), "--pipeline", pipe, "--output", "shards"]) == 0
     with open("distill.yaml", "w") as f:
         yaml.safe_dump(distill_config(pipe, str(tmp_path / "shards")), f)
+    capsys.readouterr()
     assert main(["fit", "--config", "distill.yaml"]) == 0
+    said = capsys.readouterr().out + capsys.readouterr().err
+    assert f"student: adapters and s branch on {pipe}/transformer: " in said and "M parameters train" in said
     (path,) = glob.glob("ckpt/last.ckpt")
     ckpt = read_checkpoint(path)
     saved = [k[len("net."):] for k in ckpt["state_dict"]]
@@ -119,3 +122,24 @@ def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatc
                  "--trainer.default_root_dir", "runs2"]) == 0
     assert read_checkpoint("ckpt/last.ckpt")["global_step"] == 4
     json.dumps(ckpt["ayf"])  # plain data
+
+
+def test_the_flux_recipe_distils_a_tiny_pipeline(tmp_path, monkeypatch):
+    """configs/flux/distill_lora.yaml as shipped, its folders and the machine's settings overridden:
+    the paper's setting runs end to end on a pipeline of the same shape."""
+    monkeypatch.chdir(tmp_path)
+    warnings.simplefilter("ignore")
+    pipe = flux_pipeline(str(tmp_path / "pipe"), guidance_embeds=True)
+    pairs = caption_list(tmp_path / "pairs", n=8, bad=False)
+    assert main(["shards", "captions", "--input", str(pairs), "--pipeline", pipe, "--output", "data/flux_pairs",
+                 "--val_fraction", "0.25"]) == 0
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "flux", "distill_lora.yaml")
+    assert main(["fit", "--config", recipe, "--model.teacher.init_args.model", pipe,
+                 "--model.net.init_args.backbone.init_args.model", pipe,
+                 "--model.net.init_args.backbone.init_args.lora_rank", "2",
+                 "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--trainer.precision", "32", "--trainer.max_steps", "2", "--data.init_args.global_batch_size", "2",
+                 "--data.init_args.num_workers", "0", "--data.init_args.epoch_length", "4"]) == 0
+    ckpt = read_checkpoint(glob.glob("runs/flux/distill_lora/latest/checkpoints/last.ckpt")[0])
+    assert ckpt["global_step"] == 2 and ckpt["ayf"]["base"]["folder"] == os.path.join(pipe, "transformer")
+    assert all("lora_" in k or k.startswith("net.s_emb.") for k in ckpt["state_dict"])
