@@ -52,7 +52,8 @@ def test_a_lora_student_from_caption_shards_through_ayf_fit(tmp_path, monkeypatc
         yaml.safe_dump(distill_config(pipe, str(tmp_path / "shards")), f)
     capsys.readouterr()
     assert main(["fit", "--config", "distill.yaml"]) == 0
-    said = capsys.readouterr().out + capsys.readouterr().err
+    got = capsys.readouterr()
+    said = got.out + got.err
     assert f"student: adapters and s branch on {pipe}/transformer: " in said and "M parameters train" in said
     (path,) = glob.glob("ckpt/last.ckpt")
     ckpt = read_checkpoint(path)
