@@ -27,17 +27,19 @@ def tokenizer(length: int):
 
 
 def flux_pipeline(folder: str, latent_channels: int = 4, image_size: int = 16, guidance_embeds: bool = False,
-                  clip_length: int = 8, t5_length: int = 8, seed: int = 0) -> str:
-    """Writes the tiny pipeline to ``folder``; returns it. Latents are ``image_size / 4``."""
+                  clip_length: int = 8, t5_length: int = 8, seed: int = 0, transformer: dict = None) -> str:
+    """Writes the tiny pipeline to ``folder``; returns it. Latents are ``image_size / 4``;
+    ``transformer`` overrides the transformer's sizes (layers, heads, head width, rotary axes)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     n = 4 + len(WORDS)
+    sizes = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+             "axes_dims_rope": (2, 2, 4), **(transformer or {})}
     transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+        patch_size=1, in_channels=4 * latent_channels, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=guidance_embeds, **sizes)
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=latent_channels,
                                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                                   block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4,

@@ -21,8 +21,9 @@ class FlowMatching(AyfTask):
         lr_scheduler: optional learning-rate scheduler factory, stepped every batch.
         p_mean: mean of the logit-normal training-time distribution.
         p_std: standard deviation of the logit-normal training-time distribution.
-        label_dropout: share of training labels replaced by the null label, so that the same
-            network also learns the unconditional velocity that classifier-free guidance needs.
+        label_dropout: share of training labels replaced by the null label (and prompts by the
+            empty prompt), so that the same network also learns the unconditional velocity that
+            classifier-free guidance needs.
         compile: run the loss computation through ``torch.compile`` (first step compiles).
         skip_nonfinite: non-finite losses in a row to skip before training stops (0: stop at the first).
     """
@@ -43,8 +44,8 @@ class FlowMatching(AyfTask):
         super().__init__(optimizer, lr_scheduler, skip_nonfinite)
         if net.is_flow_map:
             raise ConfigError("FlowMatching trains a velocity model: give the net `s_embedding: none`")
-        if label_dropout > 0 and net.num_classes == 0:
-            raise ConfigError("label_dropout needs a class-conditional net (`num_classes` > 0)")
+        if label_dropout > 0 and net.num_classes == 0 and not hasattr(net.backbone, "text_dim"):
+            raise ConfigError("label_dropout needs a class- or text-conditional net (`num_classes` > 0, or prompts)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = net
         self.objective = FlowMatchingObjective(p_mean, p_std, label_dropout, compile)
