@@ -250,7 +250,9 @@ def main():
             print(f"| {mode} | {method} | {1e3 * t_fm:.2f} | {1e3 * t_emd:.2f} | {ratio:.2f} | "
                   f"{m_fm / 2**20:.1f} / {m_emd / 2**20:.1f} | {m_emd / max(m_fm, 1):.2f} | {warm[0]} / {warm[1]} |")
 
-    if args.profile:
+    if args.profile and device.type != "cpu":
+        print("\n--profile splits CPU steps only (a GPU's kernels run asynchronously); skipped")
+    elif args.profile:
         profile_table(lambda: step(opt, fm_loss, student, x0, t, eps),
                       {m: (lambda m=m: step(opt, emd_loss, student, teacher, x0, t, s, eps, r, False, m,
                                             args.difference_step)) for m in tangents})
