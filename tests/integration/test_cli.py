@@ -175,7 +175,7 @@ def test_fit_teacher_then_distil_then_sample_with_noise_file(tmp_path, capsys):
 
 
 def printed_test_loss(out: str) -> float:
-    (value,) = re.findall(r"test/loss\s+(\S+)", out)
+    (value,) = re.findall(r"test/loss[\s│┃|]+([-+0-9.eE]+)", out)  # a plain table, or rich's (with rich installed)
     return float(value)
 
 
