@@ -285,6 +285,7 @@ FIT_ELSEWHERE = {
     "digits/teacher": "test_images.py::test_image_fit_then_ayf_test_writes_fidelity_json",
     "digits/distill_emd": "test_images.py::test_image_fit_then_ayf_test_writes_fidelity_json",
     "diffusers/distill_emd": "test_diffusers_cli.py::test_tiny_diffusers_teacher_distils_and_samples",
+    "flux/distill_lora": "test_text_to_image.py::test_the_flux_recipe_distils_a_tiny_pipeline",
 }
 STAGES = [os.path.relpath(c, os.path.join(ROOT, "configs"))[:-5] for c in RUN_CONFIGS]
 FIT_HERE = [stage for stage in STAGES if stage not in FIT_ELSEWHERE]

@@ -139,8 +139,10 @@ def test_the_flux_recipe_distils_a_tiny_pipeline(tmp_path, monkeypatch):
                  "--model.net.init_args.backbone.init_args.model", pipe,
                  "--model.net.init_args.backbone.init_args.lora_rank", "2",
                  "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-                 "--trainer.precision", "32", "--trainer.max_steps", "2", "--data.init_args.global_batch_size", "2",
+                 "--trainer.precision", "32", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                 "--data.init_args.global_batch_size", "2",
                  "--data.init_args.num_workers", "0", "--data.init_args.epoch_length", "4"]) == 0
     ckpt = read_checkpoint(glob.glob("runs/flux/distill_lora/latest/checkpoints/last.ckpt")[0])
     assert ckpt["global_step"] == 2 and ckpt["ayf"]["base"]["folder"] == os.path.join(pipe, "transformer")
     assert all("lora_" in k or k.startswith("net.s_emb.") for k in ckpt["state_dict"])
+    assert glob.glob("runs/flux/distill_lora/latest/checkpoints/best.ckpt")  # validation ran, on the held-out pairs
