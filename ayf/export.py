@@ -27,6 +27,7 @@ from torch import nn
 from ayf.checkpoints import FLOW_MAP_KINDS, TEACHER_KINDS, build_object, network_from, read_checkpoint
 from ayf.encoders import VAEEncoder, encoder_from_manifest
 from ayf.errors import ConfigError
+from ayf.figures import pipeline_output as to_output
 from ayf.nn.cond import Cond
 from ayf.nn.flow_map import FlowMap
 
@@ -153,19 +154,6 @@ class FlowMapPipeline(DiffusionPipeline):
             x = decoder.to(x.device).decode(x)
         images = to_output(x, "pt" if output_type == "latent" else output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-
-def to_output(x: torch.Tensor, output_type: str):
-    """Samples in model units as ``pt`` (unchanged), ``np`` (``(B, H, W, C)`` in [0, 1]) or ``pil``."""
-    if output_type == "pt":
-        return x
-    if output_type not in ("np", "pil"):
-        raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
-    if x.ndim != 4:
-        raise ValueError(f"output_type {output_type!r} needs images (B, C, H, W); these samples are {tuple(x.shape)}: "
-                         "use output_type='pt'")
-    pixels = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return pixels if output_type == "np" else DiffusionPipeline.numpy_to_pil(pixels)
 
 
 def build_flow_map(config: dict) -> FlowMap:

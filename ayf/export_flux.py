@@ -124,7 +124,7 @@ class FlowMapFluxPipeline(FluxPipeline):
                  max_sequence_length: Optional[int] = None, output_type: str = "pil", return_dict: bool = True):
         """Samples one image per prompt (a string or a list) from ``latents`` ``(B, C, H, W)`` (the
         noise; drawn when None). output_type: ``pil``, ``np``, ``pt`` (pixels in [-1, 1]) or ``latent``."""
-        from ayf.export import to_output
+        from ayf.figures import pipeline_output
         from ayf.nn.flux import image_ids, pack, unpack
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -157,5 +157,5 @@ class FlowMapFluxPipeline(FluxPipeline):
         if output_type != "latent":
             vae = self.vae.config
             x = self.vae.decode(x / vae.scaling_factor + (vae.shift_factor or 0.0)).sample.clamp(-1.0, 1.0)
-        images = to_output(x, "pt" if output_type == "latent" else output_type)
+        images = pipeline_output(x, "pt" if output_type == "latent" else output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

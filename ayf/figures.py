@@ -18,6 +18,25 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def pipeline_output(x: torch.Tensor, output_type: str):
+    """Samples in model units as a diffusers pipeline returns them: ``pt`` (unchanged), ``np``
+    (``(B, H, W, C)`` in [0, 1]) or ``pil`` (a list of PIL images)."""
+    if output_type == "pt":
+        return x
+    if output_type not in ("np", "pil"):
+        raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
+    if x.ndim != 4:
+        raise ValueError(f"output_type {output_type!r} needs images (B, C, H, W); these samples are {tuple(x.shape)}: "
+                         "use output_type='pt'")
+    pixels = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return pixels
+    from PIL import Image
+
+    u8 = (pixels * 255).round().astype("uint8")
+    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in u8]
+
+
 def tile(images: torch.Tensor, cols: int) -> torch.Tensor:
     """``(N, C, H, W)`` in [-1, 1] -> one ``(H', W', C)`` float image in [0, 1], 1-pixel gaps.
 

@@ -31,7 +31,6 @@ from ayf.data.loaders import ResumableLoader, device_batch
 from ayf.data.shards import LATENT_DTYPES, MANIFEST, encoder_of, read_manifest, to_model_units
 from ayf.encoders import Encoder, read_vae_config
 from ayf.errors import ConfigError
-from ayf.nn.cond import TEXT_FIELDS
 
 log = logging.getLogger("ayf.data")
 
@@ -144,6 +143,10 @@ class _Latents:
                     else int.from_bytes(os.urandom(8), "little") >> 1)
             self._gen = torch.Generator().manual_seed(seed)
         return self.encoder.sample(moments.float(), generator=self._gen)
+
+
+#: a prompt's fields in caption shards (``<key>.text.npy`` ...), as :class:`ayf.nn.Cond` names them
+TEXT_FIELDS = ("text", "text_mask", "pooled")
 
 
 def _decoder(shape: tuple, labelled: bool, raw: bool, latents: Optional[_Latents] = None):

@@ -115,3 +115,10 @@ def test_a_caption_list_with_nothing_usable_or_no_list_is_one_line(tmp_path, pip
     caption_list(tmp_path / "pairs", n=2, bad=False)
     assert "leave out --vae" in error("--input", str(tmp_path / "pairs"), "--vae", pipeline + "/vae")
     assert "no tokenizer, text_encoder, tokenizer_2, text_encoder_2 in it" in error("--input", str(tmp_path / "pairs"), "--pipeline", str(tmp_path / "pairs"))
+
+
+def test_shards_and_conditions_name_the_prompt_fields_alike():
+    from ayf.data.images import TEXT_FIELDS
+    from ayf.nn.cond import TEXT_FIELDS as COND_FIELDS
+
+    assert TEXT_FIELDS == COND_FIELDS
