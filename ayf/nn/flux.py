@@ -34,63 +34,12 @@ from ayf.errors import ConfigError
 from ayf.io import load_torch
 from ayf.nn.cond import NO_COND, Cond
 from ayf.nn.flow_map import FlowMap
+from ayf.nn.flux_layout import image_ids, pack, transformer_folder, unpack, weights_fingerprint  # noqa: F401
 from ayf.nn.teachers import NetTeacher
 
 #: the projections that LoRA adapts by default: attention (image and text streams) and feed-forward
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
-
-
-def transformer_folder(path: str) -> str:
-    """The transformer's folder: ``path`` itself, or a pipeline folder's ``transformer/``."""
-    if not os.path.isdir(path):
-        where = "" if os.path.isabs(path) else f" (from {os.getcwd()})"
-        raise ConfigError(f"model folder not found: {path}{where}", missing=path)
-    for folder in (path, os.path.join(path, "transformer")):
-        config = os.path.join(folder, "config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                kind = json.load(f).get("_class_name")
-            if kind != "FluxTransformer2DModel":
-                raise ConfigError(f"{folder}: unsupported transformer {kind!r}; supported: FluxTransformer2DModel")
-            return folder
-    raise ConfigError(f"{path}: no transformer in it (neither {path}/config.json nor {path}/transformer/config.json); "
-                      "save a pipeline with pipe.save_pretrained(folder)")
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` latents -> ``(B, H W / 4, 4 C)`` tokens of 2 x 2 patches (FLUX's order)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The inverse of :func:`pack` for latents of ``shape`` ``(C, H, W)``."""
-    c, h, w = shape
-    b = tokens.shape[0]
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Rotary position ids ``(H W / 4, 3)`` of the packed tokens: ``(0, row, column)``."""
-    rows = torch.arange(h // 2, device=device, dtype=dtype)[:, None].expand(h // 2, w // 2)
-    cols = torch.arange(w // 2, device=device, dtype=dtype)[None, :].expand(h // 2, w // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
-
-
-def weights_fingerprint(state: dict, samples: int = 4096) -> str:
-    """A hash of a model's weights: each tensor's name, shape and dtype and ``samples`` of its
-    values at a fixed stride (enough to tell two base models apart, in a fraction of a full hash's time)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach()
-        flat = t.reshape(-1)
-        step = max(1, flat.numel() // samples)
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[::step].to(torch.float64).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class TimeDifferenceEmbedding(nn.Module):
@@ -173,6 +122,8 @@ class FluxBackbone(nn.Module):
         self.register_buffer("null_text", None if null is None else null[0], persistent=False)
         self.register_buffer("null_pooled", None if null is None else null[1], persistent=False)
         self.lora_rank = int(lora_rank)
+        self._fingerprint = None  # of the frozen base; loading weights into the model forgets it
+        model.register_load_state_dict_post_hook(lambda *_: setattr(self, "_fingerprint", None))
         if self.lora_rank:
             self._add_lora(self.lora_rank, lora_alpha, lora_targets)
 
@@ -224,8 +175,10 @@ class FluxBackbone(nn.Module):
         """``{"folder", "fingerprint"}`` of a LoRA student's base model; None for a full model."""
         if not self.lora_rank:
             return None
-        base = {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items() if "lora_" not in k}
-        return {"folder": self.folder, "fingerprint": weights_fingerprint(base)}
+        if self._fingerprint is None:  # the base never trains: hashed once per load, not per record
+            base = {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items() if "lora_" not in k}
+            self._fingerprint = weights_fingerprint(base)
+        return {"folder": self.folder, "fingerprint": self._fingerprint}
 
     def s_embedding(self) -> nn.Module:
         """The s branch (:class:`TimeDifferenceEmbedding`) that :class:`ayf.nn.FlowMap` uses for this backbone."""
