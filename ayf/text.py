@@ -77,11 +77,6 @@ class PromptEncoder:
         """What a shard manifest records of the prompts' encoding."""
         return {"pipeline": self.folder, "lengths": list(self.lengths)}
 
-    @property
-    def text_dim(self) -> int:
-        return int(self.encoders[1].config.d_model if hasattr(self.encoders[1].config, "d_model")
-                   else self.encoders[1].config.hidden_size)
-
     def _tokens(self, which: int, prompts: Sequence[str]):
         tokenizer, length = self.tokenizers[which], self.lengths[which]
         full = tokenizer(list(prompts), padding=False, truncation=False, verbose=False)["input_ids"]

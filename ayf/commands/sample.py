@@ -142,8 +142,7 @@ def read_prompts(args) -> list:
 def prompt_cond(net, prompts: list, n: int, pipeline=None) -> dict:
     """The text fields of :class:`Cond` for ``n`` samples (prompt i mod P), by the text encoders of
     ``pipeline`` (default: the pipeline folder that the model's transformer sits in)."""
-    backbone = getattr(net, "backbone", None)
-    if not hasattr(backbone, "text_dim"):
+    if not net.reads_text:
         if prompts:
             raise ConfigError("--prompt: this model takes no prompt")
         return {}
@@ -151,7 +150,7 @@ def prompt_cond(net, prompts: list, n: int, pipeline=None) -> dict:
         raise ConfigError("this model is text-conditional: pass --prompt TEXT (or --prompts FILE)")
     from ayf.text import PromptEncoder
 
-    folder = pipeline or backbone.pipeline
+    folder = pipeline or net.backbone.pipeline
     if folder is None:
         raise ConfigError("give --pipeline: the pipeline folder whose text encoders encode the prompts")
     cond = PromptEncoder(folder)([prompts[i % len(prompts)] for i in range(n)])

@@ -95,6 +95,11 @@ class FlowMap(nn.Module):
         return record() if record is not None else None
 
     @property
+    def reads_text(self) -> bool:
+        """The net is text-conditional: its backbone reads a prompt's embeddings from ``cond``."""
+        return hasattr(self.backbone, "text_dim")
+
+    @property
     def reads_lam(self) -> bool:
         """The net reads the guidance scale ``cond.lam``: through its guidance input, or as a
         guidance-distilled backbone's own input (``backbone.guided``: FLUX.1-dev)."""

@@ -188,7 +188,7 @@ class FluxBackbone(nn.Module):
     def _add_extra(self, module, inputs, output):
         return None if self._extra is None else output + self._extra.to(output.dtype)
 
-    def prompt(self, cond: Cond, batch: int, dtype):
+    def prompt(self, cond: Cond, dtype):
         """``(encoder_hidden_states, pooled_projections)`` of ``cond``, the empty prompt where it asks."""
         if cond.text is None or cond.pooled is None:
             raise ConfigError("this transformer is text-conditional: pass the prompt's embeddings (text and pooled)")
@@ -210,7 +210,7 @@ class FluxBackbone(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, extra: Optional[torch.Tensor] = None, cond=None):
         cond = NO_COND if cond is None else cond
         b, _, h, w = x.shape
-        text, pooled = self.prompt(cond, b, x.dtype)
+        text, pooled = self.prompt(cond, x.dtype)
         kw = {}
         if self.guided:
             lam = torch.full_like(t, self.guidance) if cond.lam is None else cond.lam.to(t.dtype).expand_as(t)

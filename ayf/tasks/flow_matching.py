@@ -44,7 +44,7 @@ class FlowMatching(AyfTask):
         super().__init__(optimizer, lr_scheduler, skip_nonfinite)
         if net.is_flow_map:
             raise ConfigError("FlowMatching trains a velocity model: give the net `s_embedding: none`")
-        if label_dropout > 0 and net.num_classes == 0 and not hasattr(net.backbone, "text_dim"):
+        if label_dropout > 0 and net.num_classes == 0 and not net.reads_text:
             raise ConfigError("label_dropout needs a class- or text-conditional net (`num_classes` > 0, or prompts)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = net
