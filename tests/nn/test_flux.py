@@ -114,6 +114,14 @@ def test_a_lora_student_starts_at_the_teacher_and_reads_s(gen, tmp_path):
         assert not torch.allclose(student(x, t, t, cond), before)  # the adapters are in the forward pass
 
 
+def test_the_base_fingerprint_follows_the_weights_loaded_into_it(tmp_path):
+    teacher, student = lora_student(pipeline_folder(str(tmp_path)))
+    before = student.base_record()["fingerprint"]
+    nudge(teacher.backbone.model)
+    student.init_from_teacher(teacher)  # another base: the fingerprint must say so, not the cached one
+    assert student.base_record()["fingerprint"] != before
+
+
 def test_only_the_adapters_and_the_s_branch_train(gen, tmp_path):
     _, student = lora_student(pipeline_folder(str(tmp_path)))
     x, t, cond = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([0.8, 0.5]), prompt(gen, 2)
